@@ -1,0 +1,69 @@
+"""Shared helpers for benchmark scripts: machine description and BENCHMARKS.md sections.
+
+Each benchmark owns one section of BENCHMARKS.md between markers
+``<!-- BEGIN name -->`` and ``<!-- END name -->`` and rewrites only that
+section, so benchmarks can be rerun one at a time without touching the rest.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
+WORK = ROOT / "benchmarks" / "work"  # checkpoints and scratch files (git-ignored)
+
+
+def machine() -> str:
+    """One line naming the machine, OS, Python and library versions."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    dev = "CPU only"
+    if torch.cuda.is_available():
+        dev = torch.cuda.get_device_name(0)
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {dev}; Python {sys.version.split()[0]}, torch {torch.__version__}, "
+        f"torch threads {torch.get_num_threads()}"
+    )
+
+
+def header(command: str) -> str:
+    """The lines every section starts with: command, date, machine."""
+    date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return f"Command: `{command}`  \nDate: {date}  \nMachine: {machine()}\n"
+
+
+def update_section(name: str, markdown: str, path: Path = BENCHMARKS_MD) -> None:
+    """Replace (or append) the section ``name`` of BENCHMARKS.md with ``markdown``."""
+    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
+    block = f"{begin}\n{markdown.rstrip()}\n{end}"
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block, text)
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def md_table(headers: list[str], rows: list[list[object]]) -> str:
+    """A GitHub-flavoured markdown table."""
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    for r in rows:
+        out.append("| " + " | ".join(str(c) for c in r) + " |")
+    return "\n".join(out)

@@ -1,0 +1,131 @@
+"""Devices, autocast, seeding and run directories: the only place that looks at the hardware.
+
+Library functions take a ``torch.device`` from their caller; the CLI gets it
+from :func:`choose_device`. Nothing here keeps global state beyond what torch
+itself keeps (the RNG seeds).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import os
+import platform
+import random
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bitsweep.errors import BitsweepError
+
+
+def choose_device(name: str = "auto") -> torch.device:
+    """Resolve ``"auto"`` to the available accelerator (CUDA, MPS, ...) or the CPU.
+
+    An explicit name that this machine lacks fails with a message instead of a
+    deep CUDA error.
+    """
+    if name == "auto":
+        accel = getattr(torch, "accelerator", None)
+        if accel is not None and accel.is_available():
+            current = accel.current_accelerator()
+            if current is not None:
+                return torch.device(current.type)
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise BitsweepError(f"unknown device '{name}'; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BitsweepError(f"device '{name}' asked for, but this torch build sees no CUDA GPU; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise BitsweepError(f"device '{name}' asked for, but MPS is not available here; use --device cpu")
+    return device
+
+
+def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on CUDA (where it speeds training up); a no-op elsewhere.
+
+    On CPU, bf16 autocast is slower than fp32 for depthwise convolutions, so
+    it is never turned on there.
+    """
+    if enabled and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch so CPU runs repeat exactly."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def git_commit(cwd: str | Path | None = None) -> str | None:
+    """The current git commit of the source tree, or None outside a checkout."""
+    here = Path(cwd) if cwd is not None else Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def environment(device: torch.device | None = None) -> dict[str, Any]:
+    """A snapshot of what produced a result: versions, device, threads, git commit, host."""
+    import bitsweep
+
+    env: dict[str, Any] = {
+        "bitsweep": bitsweep.__version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "git_commit": git_commit(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if device is not None:
+        env["device"] = str(device)
+        if device.type == "cuda":
+            env["device_name"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def make_run_dir(output_dir: str | Path, name: str | None, prefix: str) -> Path:
+    """Create a fresh run directory ``output_dir/name`` (default ``prefix-YYYYmmdd-HHMMSS``).
+
+    An existing name gets a numeric suffix rather than mixing two runs' files.
+    """
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path(output_dir) / (name or f"{prefix}-{stamp}")
+    path = base
+    i = 1
+    while path.exists():
+        path = base.with_name(f"{base.name}-{i}")
+        i += 1
+    path.mkdir(parents=True)
+    return path
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Temporarily set torch's intra-op thread count (used by parallel sweep workers)."""
+    if n is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
