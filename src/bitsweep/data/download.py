@@ -67,7 +67,12 @@ def download_file(url: str, dest: Path, md5: str) -> Path:
                     for chunk in iter(lambda: response.read(_CHUNK), b""):
                         out.write(chunk)
                         bar.update(len(chunk))
-            verify_md5(tmp, md5, url)
+            actual = md5_of(tmp)
+            if actual != md5:
+                raise BitsweepError(
+                    f"the download of {url} is corrupted (MD5 {actual}, expected {md5}); nothing was kept at "
+                    f"'{dest}'; try again, or fetch the file by hand and put it there"
+                )
     except (urllib.error.URLError, OSError, ValueError) as e:
         raise BitsweepError(f"could not download {url} to '{dest}': {e}") from None
     return dest

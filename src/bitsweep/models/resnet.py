@@ -4,8 +4,8 @@ Three stages of three basic blocks with 16, 32 and 64 channels (times
 ``width``). Where a block changes shape, the shortcut is a 1x1 convolution
 with BatchNorm (option B) instead of option A's zero padding: every layer is
 then an ordinary Conv2d/BatchNorm2d pair that BN folding, fake quantization
-and the integer reference executor already understand, at a cost of about
-3 % more parameters (0.27 M -> 0.28 M). Residual sums go through the
+and the integer reference executor already understand, at a cost of 1 %
+more parameters (272,474 instead of 269,722 for 10 classes). Residual sums go through the
 :class:`~bitsweep.models.mobilenetv2.Add` module so quantizers can observe both
 inputs and the result.
 """

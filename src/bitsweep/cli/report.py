@@ -1,0 +1,40 @@
+"""``bitsweep report RESULTS``: rebuild report.md and report.html from a sweep's results file alone."""
+
+from __future__ import annotations
+
+import argparse
+
+from bitsweep.cli.common import add_command
+from bitsweep.report import build_report
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``report`` command."""
+    p = add_command(
+        subparsers,
+        "report",
+        help="build report.md and a self-contained report.html from a sweep's results.jsonl",
+        description="Build report.md, report.html (images embedded, no external resources) and PNG/SVG figures "
+        "from a sweep's results file alone: W x A accuracy heatmap, accuracy vs size with the Pareto front, "
+        "every cell, the recommended configuration and the environment recorded at sweep time.\n\n"
+        "example: bitsweep report runs/fm/sweep/results.jsonl",
+    )
+    p.add_argument("results", help="results.jsonl written by 'bitsweep sweep' (or its directory)")
+    p.add_argument("--output", default=None, help="directory for the report; default: beside the results file")
+    p.add_argument(
+        "--max-drop",
+        type=float,
+        default=None,
+        help="accuracy budget (points of validation top-1) for the recommendation; default: the sweep's own",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the report and print where it is."""
+    paths = build_report(args.results, args.output, args.max_drop)
+    if paths.recommendation is not None:
+        print(f"recommended: {paths.recommendation.summary()}")
+    print(f"report: {paths.html}")
+    print(f"markdown: {paths.markdown}")
+    return 0

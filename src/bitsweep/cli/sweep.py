@@ -1,0 +1,92 @@
+"""``bitsweep sweep CHECKPOINT``: every (weight bits x activation bits) cell, measured, with a recommendation."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from bitsweep.cli.common import add_command, int_list, require_positive, str_list
+from bitsweep.errors import BitsweepError
+from bitsweep.runtime import choose_device
+from bitsweep.sweep.api import format_front, sweep_checkpoint
+from bitsweep.sweep.evaluate import EvalSettings
+from bitsweep.sweep.runner import EXECUTORS, ExecutorConfig
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``sweep`` command."""
+    p = add_command(
+        subparsers,
+        "sweep",
+        help="quantize a checkpoint at every bit width in a grid, measure each, recommend the smallest good one",
+        description="Quantize CHECKPOINT at every combination of weight and activation bit widths (and any other "
+        "listed axis), measure validation and test accuracy and the packed file size of each cell, and recommend "
+        "the smallest configuration within --max-drop points of the FP32 validation accuracy. Rows are appended "
+        "to OUTPUT/results.jsonl as cells finish: rerun the same command to resume an interrupted sweep.\n\n"
+        "example: bitsweep sweep runs/fm/best.pt --weight-bits 1,2,4,8,16 --activation-bits 1,2,4,8,16 --jobs 2",
+    )
+    p.add_argument("checkpoint", help="bitsweep checkpoint (best.pt) or run directory")
+    p.add_argument("--weight-bits", type=int_list, default=[1, 2, 4, 8, 16], help="weight bit widths, 1..16")
+    p.add_argument("--activation-bits", type=int_list, default=[1, 2, 4, 8, 16], help="activation bit widths, 1..16")
+    p.add_argument("--granularity", type=str_list, default=["per_channel"], help="weight scales: per_channel,per_tensor")
+    p.add_argument("--observer", type=str_list, default=["minmax"], help="range observers: minmax,moving_average,percentile,mse")
+    p.add_argument("--calib-batches", type=int, default=8, help="calibration batches of training images (collected once)")
+    p.add_argument("--calib-batch-size", type=int, default=256, help="images per calibration batch")
+    p.add_argument("--batch-size", type=int, default=1000, help="evaluation batch size")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N validation and test images (quick checks)")
+    p.add_argument("--jobs", type=int, default=1, help="parallel workers (each loads the model and data once)")
+    p.add_argument("--executor", choices=EXECUTORS, default="local", help="where cells run; local with --jobs > 1 uses processes")
+    p.add_argument("--address", default=None, help="Ray cluster address for --executor ray (default: start a local Ray)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads shared by all workers (default: torch's count)")
+    p.add_argument("--max-drop", type=float, default=1.0, help="accuracy budget: validation top-1 points below FP32")
+    p.add_argument("--output", default=None, help="output directory (default: CHECKPOINT's directory/sweep)")
+    p.add_argument("--data-dir", default=None, help="dataset files, when not where the checkpoint's config says")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
+    p.add_argument("--no-report", action="store_true", help="do not build report.md/report.html at the end")
+    p.add_argument("--no-packed", action="store_true", help="do not keep each cell's packed model file")
+    p.set_defaults(func=run)
+
+
+def default_output(checkpoint: str) -> str:
+    """``runs/x/best.pt`` -> ``runs/x/sweep``; a run directory -> ``DIR/sweep`` (so a rerun resumes)."""
+    from pathlib import Path
+
+    path = Path(checkpoint)
+    return str((path if path.is_dir() else path.parent) / "sweep")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the sweep, print the Pareto front and the recommendation, build the report."""
+    for name in ("calib_batches", "calib_batch_size", "batch_size", "jobs"):
+        require_positive("--" + name.replace("_", "-"), getattr(args, name))
+    try:
+        settings = EvalSettings(args.calib_batches, args.calib_batch_size, args.batch_size, args.limit)
+        executor = ExecutorConfig(kind=args.executor, jobs=args.jobs, address=args.address, threads=args.threads)
+    except ValueError as e:
+        raise BitsweepError(str(e)) from None
+    axes = {
+        "weight_bits": args.weight_bits,
+        "activation_bits": args.activation_bits,
+        "granularity": args.granularity,
+        "observer": args.observer,
+    }
+    output = args.output or default_output(args.checkpoint)
+    try:
+        outcome = sweep_checkpoint(
+            args.checkpoint, output, axes, settings, executor, choose_device(args.device), args.data_dir,
+            args.max_drop, report=not args.no_report, keep_packed=not args.no_packed,
+        )  # fmt: skip
+    except KeyboardInterrupt:
+        print(f"sweep interrupted; finished cells are kept in {output}/results.jsonl - rerun the same command "
+              "to do only the rest", file=sys.stderr)  # fmt: skip
+        raise
+    run_ = outcome.run
+    print(f"{len(run_.ran)} cell(s) evaluated, {len(run_.skipped)} resumed from {run_.results.path} "
+          f"in {run_.seconds:.1f} s")  # fmt: skip
+    print("\nPareto front (packed size vs validation top-1):")
+    print(format_front(outcome.front))
+    print(f"\nrecommended (max drop {args.max_drop:g}): {outcome.recommendation.summary()}")
+    print(f"results: {run_.results.path} and {run_.results.path.with_suffix('.csv')}")
+    if outcome.report_html is not None:
+        print(f"report: {outcome.report_html}")
+    return 0

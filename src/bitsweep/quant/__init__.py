@@ -1,0 +1,46 @@
+"""Post-training quantization to any bit width: specs, pure primitives, observers, modules, and the API.
+
+The usual path::
+
+    summary = quantize_(model, QuantConfig.from_bits(4, 8))   # fold BN, swap layers, add quantizers
+    stats = calibrate(model, loader, num_batches=16)           # observe activations (bit-width free)
+    convert(model)                                             # freeze qparams, quantize weights once
+"""
+
+from bitsweep.quant.api import (
+    CalibrationStats,
+    QuantSummary,
+    activation_quantizers,
+    calibrate,
+    calibration,
+    convert,
+    quantize_,
+)
+from bitsweep.quant.config import LayerOverride, QuantConfig, activation_spec, weight_spec
+from bitsweep.quant.fold import fold_batchnorm
+from bitsweep.quant.modules import ActivationQuantizer, QuantConv2d, QuantLinear, QuantOutput, WeightQuantizer
+from bitsweep.quant.observers import OBSERVERS, ActivationStats
+from bitsweep.quant.spec import QuantSpec
+
+__all__ = [
+    "OBSERVERS",
+    "ActivationQuantizer",
+    "ActivationStats",
+    "CalibrationStats",
+    "LayerOverride",
+    "QuantConfig",
+    "QuantConv2d",
+    "QuantLinear",
+    "QuantOutput",
+    "QuantSpec",
+    "QuantSummary",
+    "WeightQuantizer",
+    "activation_quantizers",
+    "activation_spec",
+    "calibrate",
+    "calibration",
+    "convert",
+    "fold_batchnorm",
+    "quantize_",
+    "weight_spec",
+]

@@ -1,0 +1,205 @@
+"""Pure quantization functions: bits are plain data, no state, no modules.
+
+The reference formula, which every other path in bitsweep must match bit for
+bit (tests compare with ``atol=0, rtol=0``)::
+
+    inv_scale = 1 / scale                                  # float32
+    q     = clamp(round_half_even(x * inv_scale) + zero_point, qmin, qmax)
+    x_hat = (q - zero_point) * scale
+
+Multiplying by a float32 ``inv_scale`` (not dividing by ``scale``) is what
+``torch.fake_quantize_per_tensor_affine`` does, so our numbers equal PyTorch's
+own fake-quant. Binary grids (1-bit signed symmetric) are the one exception:
+``q = +1 if x >= 0 else -1`` and ``x_hat = q * scale``.
+
+Scales are never below :data:`SCALE_EPS`, so an all-zero tensor or channel
+gets a harmless scale instead of a division by zero, and no bit width can
+produce NaN or inf.
+
+>>> import torch
+>>> from bitsweep.quant.spec import QuantSpec
+>>> spec = QuantSpec(4)                       # signed symmetric, levels -8..7
+>>> x = torch.tensor([-1.0, -0.2, 0.0, 0.33, 0.7])
+>>> scale, zp = choose_qparams(x.min(), x.max(), spec)
+>>> quantize(x, scale, zp, spec).tolist()
+[-7, -1, 0, 2, 5]
+>>> fake_quantize(x, scale, zp, spec).tolist()[:2] == [-1.0, (-1 * scale).item()]
+True
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bitsweep.quant.spec import QuantSpec, qrange
+
+__all__ = [
+    "SCALE_EPS",
+    "qrange",
+    "choose_qparams",
+    "binary_scale",
+    "quantize",
+    "dequantize",
+    "fake_quantize",
+    "fake_quantize_reference",
+    "fake_quantize_fast",
+]
+
+SCALE_EPS = 1e-12  # smallest scale; 1 / SCALE_EPS is still finite in float32
+
+
+def _broadcast(t: torch.Tensor, x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """View a per-channel vector (C,) as (1, .., C, .., 1) along ``spec.channel_axis`` of ``x``."""
+    if t.dim() == 0 or t.numel() == 1 or not spec.per_channel:
+        return t.reshape(())
+    shape = [1] * x.dim()
+    shape[spec.channel_axis] = -1
+    return t.reshape(shape)
+
+
+def choose_qparams(
+    min_val: torch.Tensor, max_val: torch.Tensor, spec: QuantSpec
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (float32) and zero_point (int32) that map [min_val, max_val] onto the grid of ``spec``.
+
+    The range is first widened to include 0, so zero (padding, ReLU's floor)
+    is always exactly representable. Symmetric grids take the scale from
+    max |x| over the positive side ``qmax`` (``max|x| / qmax``), so no value
+    is clipped; asymmetric grids spread ``max - min`` over all levels.
+
+    >>> s, z = choose_qparams(torch.tensor(0.0), torch.tensor(2.55), QuantSpec(8, signed=False, symmetric=False))
+    >>> round(s.item(), 6), z.item()
+    (0.01, 0)
+    >>> s, z = choose_qparams(torch.tensor(-0.5), torch.tensor(2.05), QuantSpec(8, signed=False, symmetric=False))
+    >>> z.item()
+    50
+    >>> choose_qparams(torch.tensor(0.0), torch.tensor(0.0), QuantSpec(3))[0].item() > 0
+    True
+    """
+    min_val = torch.clamp(min_val.detach().float(), max=0.0)
+    max_val = torch.clamp(max_val.detach().float(), min=0.0)
+    qmin, qmax = spec.qmin, spec.qmax
+    if spec.symmetric:
+        amax = torch.maximum(-min_val, max_val) if spec.signed else max_val
+        scale = amax / qmax
+        zero_point = torch.zeros_like(scale, dtype=torch.int32)
+    else:
+        scale = (max_val - min_val) / float(qmax - qmin)
+        scale = torch.clamp(scale, min=SCALE_EPS)
+        zero_point = torch.clamp(qmin - torch.round(min_val / scale), qmin, qmax).to(torch.int32)
+    scale = torch.clamp(scale, min=SCALE_EPS).to(torch.float32)
+    return scale, zero_point
+
+
+def binary_scale(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """XNOR-Net scale for binary weights: mean |w| per channel (or over the tensor).
+
+    For ``w_hat = sign(w) * s`` the squared error is smallest at ``s = mean|w|``.
+
+    >>> binary_scale(torch.tensor([[1.0, -3.0], [0.0, 0.0]]), QuantSpec(1, granularity="per_channel")).tolist()[0]
+    2.0
+    """
+    a = w.detach().float().abs()
+    if spec.per_channel:
+        a = a.movedim(spec.channel_axis, 0).reshape(a.shape[spec.channel_axis], -1)  # (C, rest)
+        s = a.mean(dim=1)
+    else:
+        s = a.mean()
+    return torch.clamp(s, min=SCALE_EPS).to(torch.float32)
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Integer levels (int32) of ``x``: the reference formula's ``q``.
+
+    >>> quantize(torch.tensor([-0.3, 0.0, 0.2]), torch.tensor(0.1), torch.tensor(0), QuantSpec(1))
+    tensor([-1,  1,  1], dtype=torch.int32)
+    >>> quantize(torch.tensor([0.24, -0.36, 9.0]), torch.tensor(0.1), torch.tensor(0), QuantSpec(3))
+    tensor([ 2, -4,  3], dtype=torch.int32)
+    """
+    if spec.binary:
+        return torch.where(x >= 0, 1, -1).to(torch.int32)
+    s = _broadcast(scale.float(), x, spec)
+    z = _broadcast(zero_point, x, spec)
+    inv = 1.0 / s
+    q = torch.clamp(torch.round(x.float() * inv) + z, spec.qmin, spec.qmax)
+    return q.to(torch.int32)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Real values (float32) of integer levels: ``(q - zero_point) * scale``.
+
+    >>> dequantize(torch.tensor([0, 3]), torch.tensor(0.5), torch.tensor(1), QuantSpec(4, symmetric=False)).tolist()
+    [-0.5, 1.0]
+    """
+    s = _broadcast(scale.float(), q, spec)
+    z = _broadcast(zero_point, q, spec)
+    return (q.float() - z) * s
+
+
+def fake_quantize_reference(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec
+) -> torch.Tensor:
+    """``dequantize(quantize(x))`` spelled out step by step: the definition the fast paths must equal."""
+    return dequantize(quantize(x, scale, zero_point, spec), scale, zero_point, spec)
+
+
+class _FakeQuantSTE(torch.autograd.Function):
+    """Fake-quant with the straight-through estimator: gradient 1 inside the grid's range, 0 outside."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, spec):  # type: ignore[no-untyped-def]
+        out = fake_quantize_reference(x, scale, zero_point, spec)
+        s = _broadcast(scale.float(), x, spec)
+        if spec.binary:
+            inside = x.abs() <= s
+        else:
+            z = _broadcast(zero_point, x, spec)
+            r = torch.round(x.float() * (1.0 / s)) + z
+            inside = (r >= spec.qmin) & (r <= spec.qmax)
+        ctx.save_for_backward(inside)
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[no-untyped-def]
+        (inside,) = ctx.saved_tensors
+        return grad * inside.to(grad.dtype), None, None, None
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Quantize and dequantize ``x``; differentiable with a straight-through gradient.
+
+    The gradient is passed unchanged where ``x`` lands inside the grid
+    (before clamping) and is zero where it was clipped, so QAT learns to pull
+    clipped values back into range.
+
+    >>> x = torch.tensor([-2.0, 0.1, 5.0], requires_grad=True)
+    >>> y = fake_quantize(x, torch.tensor(0.5), torch.tensor(0), QuantSpec(3))  # levels -2.0 .. 1.5
+    >>> y.tolist()
+    [-2.0, 0.0, 1.5]
+    >>> y.sum().backward(); x.grad.tolist()
+    [1.0, 1.0, 0.0]
+    """
+    if x.requires_grad and torch.is_grad_enabled():
+        return _FakeQuantSTE.apply(x, scale, zero_point, spec)
+    return fake_quantize_reference(x, scale, zero_point, spec).to(x.dtype)
+
+
+def fake_quantize_fast(x: torch.Tensor, inv_scale: float, scale: float, lo: float, hi: float) -> torch.Tensor:
+    """Per-tensor fake-quant in four elementwise passes, for inference.
+
+    Equal bit for bit to the reference formula when ``inv_scale`` is the
+    float32 value of ``1 / scale``, ``lo = qmin - zero_point`` and
+    ``hi = qmax - zero_point``: adding the integer zero_point, clamping and
+    subtracting it again is exact in float32 for |levels| < 2**24, so
+    ``clamp(round(x * inv_scale), lo, hi) * scale`` is the same number.
+
+    >>> s, x = torch.tensor(0.1), torch.tensor([0.26, -5.0, 9.0])
+    >>> fast = fake_quantize_fast(x, (1.0 / s).item(), s.item(), -3.0, 4.0)
+    >>> ref = fake_quantize_reference(x, s, torch.tensor(3), QuantSpec(3, signed=False, symmetric=False))
+    >>> torch.equal(fast, ref)
+    True
+    """
+    y = x.mul(inv_scale)
+    y.round_()
+    y.clamp_(lo, hi)
+    return y.mul_(scale)

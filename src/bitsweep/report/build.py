@@ -1,0 +1,216 @@
+"""Build report.md and a self-contained report.html from a sweep's results file alone.
+
+Everything in the report comes from the JSONL file: the header (checkpoint,
+dataset, environment recorded at sweep time) and the rows. So a report can be
+rebuilt anywhere, later, without the model or the data, and it shows exactly
+what was measured.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bitsweep.io import atomic_path, write_text_atomic
+from bitsweep.report.figures import heatmap_figure, pareto_figure
+from bitsweep.sweep.pareto import Recommendation, pareto_front, recommend
+from bitsweep.sweep.results import SweepResults, read_results
+
+# (column, header, format) of the cell table, in display order; absent columns are left out.
+COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("label", "cell", "{}"),
+    ("val_top1", "val top-1 %", "{:.2f}"),
+    ("val_top5", "val top-5 %", "{:.2f}"),
+    ("test_top1", "test top-1 %", "{:.2f}"),
+    ("test_top5", "test top-5 %", "{:.2f}"),
+    ("size_bytes", "packed bytes", "{:,.0f}"),
+    ("model_ratio", "model ratio", "{:.2f}x"),
+    ("weight_ratio", "weight ratio", "{:.2f}x"),
+    ("act_total_ratio", "act. ratio (total)", "{:.2f}x"),
+    ("act_peak_ratio", "act. ratio (peak)", "{:.2f}x"),
+    ("final_mb", "final MB", "{:.4f}"),
+    ("seconds", "seconds", "{:.1f}"),
+    ("cell_id", "cell id", "{}"),
+)
+
+# The assignment's four figures for the recommended configuration.
+FOUR_FIGURES: tuple[tuple[str, str, str], ...] = (
+    ("model_ratio", "Model compression ratio (FP32 bytes / packed file bytes)", "{:.2f}x"),
+    ("weight_ratio", "Weight compression ratio", "{:.2f}x"),
+    ("act_total_ratio", "Activation compression ratio, total", "{:.2f}x"),
+    ("act_peak_ratio", "Activation compression ratio, peak", "{:.2f}x"),
+    ("final_mb", "Final model size (MB, packed file on disk)", "{:.4f} MB"),
+)
+
+
+@dataclass(frozen=True)
+class ReportPaths:
+    """Files a report build wrote."""
+
+    markdown: Path
+    html: Path
+    figures: tuple[Path, ...]
+    recommendation: Recommendation | None
+
+
+def _fmt(value: Any, fmt: str) -> str:
+    if value is None or value == "":
+        return "–"
+    try:
+        return fmt.format(value)
+    except (ValueError, TypeError):
+        return str(value)
+
+
+def _table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str, str]]) -> tuple[list[str], list[list[str]]]:
+    present = [c for c in columns if any(r.get(c[0]) is not None for r in rows)]
+    return [h for _, h, _ in present], [[_fmt(r.get(k), f) for k, _, f in present] for r in rows]
+
+
+def _md_table(headers: list[str], body: list[list[str]]) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    out += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(out)
+
+
+def _html_table(headers: list[str], body: list[list[str]], highlight: int | None = None) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    lines = []
+    for i, row in enumerate(body):
+        cls = ' class="rec"' if i == highlight else ""
+        lines.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(lines)}</tbody></table>"
+
+
+def _sort_key(r: Mapping[str, Any]) -> tuple[Any, ...]:
+    # FP32 first, then by weight bits, activation bits, then the other axes
+    return (
+        r.get("weight_bits") is not None or r.get("activation_bits") is not None,
+        r.get("weight_bits") or 99,
+        r.get("activation_bits") or 99,
+        str(r.get("granularity")),
+        str(r.get("observer")),
+    )
+
+
+def _recommended_lines(rec: Recommendation | None, baseline: Mapping[str, Any] | None) -> list[tuple[str, str]]:
+    """(name, value) pairs describing the recommendation, shared by Markdown and HTML."""
+    lines: list[tuple[str, str]] = []
+    if baseline is not None:
+        lines.append(("FP32 baseline", f"val {_fmt(baseline.get('val_top1'), '{:.2f}')} %, "
+                      f"test {_fmt(baseline.get('test_top1'), '{:.2f}')} %, "
+                      f"{_fmt(baseline.get('size_bytes'), '{:,.0f}')} bytes"))
+    if rec is None:
+        lines.append(("Recommended configuration", "none yet: the FP32 baseline has not been evaluated"))
+        return lines
+    lines.append(("Recommended configuration", rec.summary()))
+    if rec.row is not None:
+        r = rec.row
+        lines.append(("Validation top-1 (used to choose)", f"{_fmt(r.get('val_top1'), '{:.2f}')} % "
+                      f"(drop {rec.drop:.2f} points, budget {rec.max_drop:g})"))
+        lines.append(("Test top-1 (reported, not used to choose)", f"{_fmt(r.get('test_top1'), '{:.2f}')} %"))
+        for key, name, fmt in FOUR_FIGURES:
+            lines.append((name, _fmt(r.get(key), fmt)))
+    return lines
+
+
+def build_report(
+    results: str | os.PathLike[str] | SweepResults,
+    output_dir: str | os.PathLike[str] | None = None,
+    max_drop: float | None = None,
+) -> ReportPaths:
+    """Write ``report.md``, ``report.html`` and ``figures/*.png|svg`` for a results file.
+
+    Args:
+        results: the results JSONL (or its directory, or an already read :class:`SweepResults`).
+        output_dir: where to write; default the results file's directory.
+        max_drop: accuracy budget for the recommendation; default the one recorded at sweep time, else 1.0.
+
+    Raises:
+        BitsweepError: when the results file is missing or not a sweep results file.
+    """
+    res = results if isinstance(results, SweepResults) else read_results(results)
+    out = Path(output_dir) if output_dir is not None else res.path.parent
+    out.mkdir(parents=True, exist_ok=True)
+    header = res.header
+    if max_drop is None:
+        max_drop = float(header.get("max_drop", 1.0))
+    rows = sorted(res.rows, key=_sort_key)
+    baseline = res.baseline
+    front = pareto_front(rows)
+    rec = recommend(rows, float(baseline["val_top1"]), max_drop) if baseline and baseline.get("val_top1") is not None else None
+    rec_row = rec.row if rec is not None else None
+
+    figs = {
+        "heatmap": heatmap_figure(rows, baseline=None if baseline is None else baseline.get("val_top1")),
+        "pareto": pareto_figure(rows, front, rec_row),
+    }
+    fig_dir = out / "figures"
+    written: list[Path] = []
+    for name, data in figs.items():
+        for fmt, blob in data.items():
+            path = fig_dir / f"{name}.{fmt}"
+            fig_dir.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp:
+                tmp.write_bytes(blob)
+            written.append(path)
+
+    identity = header.get("identity", {})
+    env = header.get("environment", {})
+    title = f"bitsweep report: {identity.get('dataset', '?')} / {Path(str(identity.get('checkpoint', '?'))).name}"
+    rec_lines = _recommended_lines(rec, baseline)
+    headers, body = _table(rows, COLUMNS)
+    fheaders, fbody = _table(front, COLUMNS)
+    highlight = next((i for i, r in enumerate(rows) if rec_row is not None and r.get("cell_id") == rec_row.get("cell_id")), None)
+    meta = {**identity, "cells finished": len(rows), "results file": str(res.path)}
+
+    md = [f"# {title}", ""]
+    md += ["## Recommendation", ""] + [f"- **{k}:** {v}" for k, v in rec_lines] + [""]
+    md += ["## Accuracy by bit width", "", "![W x A validation accuracy heatmap](figures/heatmap.png)", ""]
+    md += ["## Accuracy vs size", "", "![accuracy vs size with the Pareto front](figures/pareto.png)", ""]
+    md += ["### Pareto front (validation top-1 vs packed size)", "", _md_table(fheaders, fbody), ""]
+    md += ["## Every cell", "", _md_table(headers, body), ""]
+    md += ["## Sweep", "", "```json", json.dumps(meta, indent=2, default=str), "```", ""]
+    md += ["## Environment (recorded at sweep time)", "", "```json", json.dumps(env, indent=2, default=str), "```", ""]
+    md_path = write_text_atomic(out / "report.md", "\n".join(md))
+
+    def img(name: str, alt: str) -> str:
+        data = base64.b64encode(figs[name]["png"]).decode("ascii")
+        return f'<img id="{name}" alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+    rec_html = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rec_lines)
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; padding: 0 1em; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; font-size: 0.85em; }}
+th, td {{ border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: right; }}
+th {{ background: #f3f3f3; }} #recommendation th {{ text-align: left; }} #recommendation td {{ text-align: left; }}
+tr.rec td {{ background: #fff3b0; font-weight: bold; }}
+img {{ max-width: 100%; }} pre {{ background: #f6f6f6; padding: 1em; overflow-x: auto; }}
+</style></head><body>
+<h1>{html.escape(title)}</h1>
+<h2>Recommendation</h2>
+<table id="recommendation">{rec_html}</table>
+<h2>Accuracy by bit width</h2>
+{img("heatmap", "W x A validation accuracy heatmap")}
+<h2>Accuracy vs size</h2>
+{img("pareto", "accuracy vs size with the Pareto front")}
+<h3>Pareto front (validation top-1 vs packed size)</h3>
+{_html_table(fheaders, fbody)}
+<h2>Every cell</h2>
+{_html_table(headers, body, highlight)}
+<h2>Sweep</h2>
+<pre>{html.escape(json.dumps(meta, indent=2, default=str))}</pre>
+<h2>Environment (recorded at sweep time)</h2>
+<pre>{html.escape(json.dumps(env, indent=2, default=str))}</pre>
+</body></html>
+"""
+    html_path = write_text_atomic(out / "report.html", page)
+    return ReportPaths(markdown=md_path, html=html_path, figures=tuple(written), recommendation=rec)

@@ -1,0 +1,144 @@
+"""One call from a trained checkpoint to a finished sweep: grid, runner, Pareto front, recommendation, report.
+
+The CLI (``bitsweep sweep``) and ``bitsweep quickstart`` both call
+:func:`sweep_checkpoint`; the Python API can too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bitsweep.errors import BitsweepError
+from bitsweep.runtime import environment
+from bitsweep.sweep.evaluate import CheckpointEvaluator, EvalSettings, file_sha256, quant_config_for
+from bitsweep.sweep.grid import Cell, expand_grid
+from bitsweep.sweep.pareto import Recommendation, pareto_front, recommend
+from bitsweep.sweep.results import make_header
+from bitsweep.sweep.runner import ExecutorConfig, SweepRun, run_sweep
+
+
+@dataclass(frozen=True)
+class SweepOutcome:
+    """Everything a finished sweep produced.
+
+    Attributes:
+        run: the runner's record (results file, which cells ran now, which were resumed).
+        front: Pareto-optimal rows (packed size vs validation top-1), smallest first.
+        recommendation: the smallest configuration within the accuracy budget.
+        report_html: path of report.html, None when the report was not built.
+    """
+
+    run: SweepRun
+    front: tuple[Mapping[str, Any], ...]
+    recommendation: Recommendation | None
+    report_html: Path | None
+
+
+def sweep_checkpoint(
+    checkpoint: str | os.PathLike[str],
+    output_dir: str | os.PathLike[str],
+    axes: Mapping[str, Sequence[Any]],
+    settings: EvalSettings = EvalSettings(),
+    executor: ExecutorConfig = ExecutorConfig(),
+    device: torch.device | str = "cpu",
+    data_dir: str | None = None,
+    max_drop: float = 1.0,
+    report: bool = True,
+    keep_packed: bool = True,
+    progress: bool = True,
+) -> SweepOutcome:
+    """Sweep the grid ``axes`` over ``checkpoint``; resumes when ``output_dir`` holds an unfinished sweep.
+
+    Writes ``output_dir/results.jsonl`` and ``results.csv``, each cell's packed
+    model file under ``output_dir/packed/`` (``keep_packed``), and
+    ``report.md``/``report.html`` (``report``).
+
+    Args:
+        checkpoint: a bitsweep checkpoint (``best.pt``) or run directory.
+        output_dir: where results go; rerunning with the same directory resumes.
+        axes: sweep axes, e.g. ``{"weight_bits": [2, 4, 8], "activation_bits": [4, 8]}``.
+        settings: calibration and evaluation settings (part of the results' identity).
+        executor: local, process pool or Ray, and how many workers.
+        device: device each worker evaluates on.
+        data_dir: dataset location when it is not where the checkpoint's config says.
+        max_drop: accuracy budget (validation top-1 points below FP32) of the recommendation.
+        report: build the report at the end.
+        keep_packed: keep every cell's packed model file.
+        progress: show the progress bar.
+
+    Raises:
+        BitsweepError: bad grid, missing checkpoint, a results file from another sweep, ...
+    """
+    from bitsweep.training import load_checkpoint, checkpoint_info
+
+    cells = expand_grid(axes)
+    for cell in cells:  # reject a bad observer or combination before any worker starts
+        if not cell.is_baseline:
+            quant_config_for(cell)
+    recommend([], 0.0, max_drop)  # validates max_drop up front
+    state = load_checkpoint(checkpoint)
+    info = checkpoint_info(state)
+    ckpt_path = Path(checkpoint)
+    if ckpt_path.is_dir():
+        ckpt_path = ckpt_path / "last.pt" if (ckpt_path / "last.pt").is_file() else ckpt_path / "best.pt"
+    del state
+    out = Path(output_dir)
+    identity = {
+        "checkpoint_sha256": file_sha256(ckpt_path),
+        "dataset": info.data.name,
+        "model": info.model.name,
+        "width": info.model.width,
+        **{f"eval.{k}": v for k, v in dataclasses.asdict(settings).items()},
+    }
+    dev = torch.device(device)
+    header = make_header(
+        identity,
+        checkpoint=str(ckpt_path.resolve()),
+        checkpoint_metrics=info.metrics,
+        grid={k: list(v) for k, v in axes.items()},
+        max_drop=max_drop,
+        executor=dataclasses.asdict(executor),
+        environment=environment(dev),
+    )
+    factory = CheckpointEvaluator(
+        checkpoint=str(ckpt_path.resolve()),
+        settings=settings,
+        device=str(dev),
+        data_dir=data_dir,
+        packed_dir=str((out / "packed").resolve()) if keep_packed else None,
+    )
+    if keep_packed:
+        (out / "packed").mkdir(parents=True, exist_ok=True)
+    run = run_sweep(cells, factory, out / "results.jsonl", header, executor, progress=progress)
+    rows = [r for r in run.results.rows if r["cell_id"] in {c.cell_id for c in cells}]
+    base = run.results.baseline
+    if base is None or base.get("val_top1") is None:
+        raise BitsweepError("the sweep finished without its FP32 baseline row; rerun the same command to complete it")
+    rec = recommend(rows, float(base["val_top1"]), max_drop)
+    html = None
+    if report:
+        from bitsweep.report import build_report
+
+        html = build_report(run.results, out, max_drop).html
+    return SweepOutcome(run=run, front=tuple(pareto_front(rows)), recommendation=rec, report_html=html)
+
+
+def format_front(front: Sequence[Mapping[str, Any]]) -> str:
+    """The Pareto front as aligned text lines for the terminal."""
+    lines = [f"{'cell':<34} {'val top-1':>9} {'test top-1':>10} {'size (bytes)':>13} {'ratio':>7}"]
+    for r in front:
+        lines.append(
+            f"{str(r.get('label')):<34} {float(r['val_top1']):>9.2f} {float(r.get('test_top1') or float('nan')):>10.2f} "
+            f"{int(r['size_bytes']):>13,} {float(r.get('model_ratio') or 1.0):>6.2f}x"
+        )
+    return "\n".join(lines)
+
+
+__all__ = ["Cell", "SweepOutcome", "format_front", "sweep_checkpoint"]

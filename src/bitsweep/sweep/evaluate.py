@@ -1,0 +1,256 @@
+"""The real cell function: a trained checkpoint, quantized per cell, evaluated and measured.
+
+:class:`CheckpointEvaluator` is the picklable factory the runner hands to each
+worker. Calling it loads, once per worker, everything that does not depend on
+the bit width:
+
+* the FP32 model, with BatchNorm folded (what every quantized cell starts from);
+* the validation and test images, normalized once into float tensors
+  (channels-last), so no cell converts data again;
+* the calibration statistics, collected once on the float model; they hold
+  ranges and samples, not bit widths, so every cell derives its own scales
+  from them (``bitsweep.quant.convert(model, stats)``);
+* the FP32 reference file size.
+
+Each cell then costs: one module swap, one weight quantization, one packed
+file write, and two evaluation passes under ``torch.inference_mode``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bitsweep.errors import BitsweepError
+from bitsweep.sweep.grid import Cell
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes: identifies a checkpoint in the results header whatever its path."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What the evaluation of every cell shares; part of the results file's identity.
+
+    Attributes:
+        calib_batches: calibration batches of training images (collected once per sweep).
+        calib_batch_size: images per calibration batch.
+        eval_batch_size: images per evaluation forward pass (large batches amortize per-call overhead).
+        limit: evaluate only the first ``limit`` validation and test images (quick checks); None = all.
+    """
+
+    calib_batches: int = 8
+    calib_batch_size: int = 256
+    eval_batch_size: int = 1000
+    limit: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("calib_batches", "calib_batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be a positive whole number, got {getattr(self, name)}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be a positive number of images, got {self.limit}")
+
+
+def quant_config_for(cell: Cell) -> Any:
+    """The :class:`bitsweep.quant.QuantConfig` of a quantized cell.
+
+    Raises:
+        BitsweepError: for an observer or combination ``bitsweep.quant`` does not accept.
+    """
+    from bitsweep.quant import QuantConfig
+
+    try:
+        config = QuantConfig.from_bits(cell.weight_bits, cell.activation_bits, cell.granularity, cell.observer)
+        if not cell.symmetric and config.weight is not None:
+            config = dataclasses.replace(
+                config, weight=dataclasses.replace(config.weight, symmetric=False, narrow_range=False)
+            )
+    except ValueError as e:
+        raise BitsweepError(f"cell {cell.label}: {e}") from None
+    return config
+
+
+def _normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> normalized float32 (N, C, H, W), channels-last, on ``device``."""
+    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    x = (images.float().div_(255.0) - m) / s
+    return x.to(device).contiguous(memory_format=torch.channels_last)
+
+
+@torch.inference_mode()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> tuple[float, float]:
+    """Top-1 and top-5 accuracy (percent) of ``model`` on pre-normalized ``x`` (N, C, H, W) and labels ``y`` (N,)."""
+    if x.shape[0] == 0:
+        return math.nan, math.nan
+    k = 5
+    c1 = c5 = 0
+    for i in range(0, x.shape[0], batch_size):
+        logits = model(x[i : i + batch_size]).float()  # (B, classes)
+        labels = y[i : i + batch_size]
+        top = logits.topk(min(k, logits.shape[1]), dim=1).indices  # (B, k)
+        hit = top == labels.unsqueeze(1)
+        c1 += int(hit[:, 0].sum())
+        c5 += int(hit.any(dim=1).sum())
+    n = x.shape[0]
+    return 100.0 * c1 / n, 100.0 * c5 / n
+
+
+@dataclass(frozen=True)
+class CheckpointEvaluator:
+    """Picklable factory of the cell function for one checkpoint (see the module docstring).
+
+    Attributes:
+        checkpoint: a bitsweep checkpoint file.
+        settings: calibration and evaluation settings shared by all cells.
+        device: torch device name for this worker.
+        data_dir: where the dataset files are; None = the data package's default search paths.
+        packed_dir: keep each cell's packed model file here (``<cell_id>.safetensors``); None = discard.
+    """
+
+    checkpoint: str
+    settings: EvalSettings = EvalSettings()
+    device: str = "cpu"
+    data_dir: str | None = None
+    packed_dir: str | None = None
+
+    def __call__(self) -> _Evaluator:
+        return _Evaluator(self)
+
+
+class _Evaluator:
+    """The cell function with everything shared already loaded."""
+
+    def __init__(self, spec: CheckpointEvaluator) -> None:
+        from bitsweep.data import load_dataset
+        from bitsweep.measure.size import fp32_file_bytes
+        from bitsweep.quant import QuantConfig, calibrate, fold_batchnorm, quantize_
+        from bitsweep.training import load_model
+
+        self.spec = spec
+        self.device = torch.device(spec.device)
+        model, info = load_model(spec.checkpoint, self.device)
+        self.info = info
+        data_config = info.data if spec.data_dir is None else dataclasses.replace(info.data, data_dir=spec.data_dir)
+        data_config = dataclasses.replace(data_config, download=False)
+        splits = load_dataset(data_config, seed=info.seed)
+        s = spec.settings
+        val, test = splits.val, splits.test
+        if s.limit is not None:
+            val, test = val.subset(slice(0, s.limit)), test.subset(slice(0, s.limit))
+        self.val = (_normalize(val.images, info.mean, info.std, self.device), val.labels.to(self.device))
+        self.test = (_normalize(test.images, info.mean, info.std, self.device), test.labels.to(self.device))
+        calib = _normalize(splits.train.images[: s.calib_batches * s.calib_batch_size], info.mean, info.std, self.device)
+        if calib.shape[0] == 0:
+            raise BitsweepError("the training split is empty, so there is nothing to calibrate on")
+        # The FP32 reference: BN folded (the same float network every quantized cell starts from).
+        self.float_model = copy.deepcopy(model).eval()
+        fold_batchnorm(self.float_model)
+        self.float_model = self.float_model.to(memory_format=torch.channels_last)
+        # Calibration once: the statistics are bit-width free and are reused by every cell.
+        observed = copy.deepcopy(model).eval()
+        quantize_(observed, QuantConfig.from_bits(8, 8))
+        batches = [calib[i : i + s.calib_batch_size] for i in range(0, calib.shape[0], s.calib_batch_size)]
+        self.stats = calibrate(observed, batches, num_batches=len(batches))
+        self.model = model
+        self.fp32_bytes = fp32_file_bytes(observed)
+        self.input_shape = (info.in_channels, *info.image_size)
+
+    def _architecture(self) -> Any:
+        from bitsweep.measure.packed import Architecture
+
+        info = self.info
+        return Architecture(
+            name=info.model.name,
+            num_classes=info.num_classes,
+            in_channels=info.in_channels,
+            image_size=tuple(info.image_size),
+            mean=tuple(info.mean),
+            std=tuple(info.std),
+            options={"width": info.model.width, "dropout": info.model.dropout},
+        )
+
+    def _evaluate(self, model: nn.Module) -> dict[str, float]:
+        bs = self.spec.settings.eval_batch_size
+        v1, v5 = accuracy(model, *self.val, bs)
+        t1, t5 = accuracy(model, *self.test, bs)
+        return {"val_top1": v1, "val_top5": v5, "test_top1": t1, "test_top5": t5}
+
+    def __call__(self, cell: Cell) -> dict[str, Any]:
+        from bitsweep.measure.activations import activation_memory
+
+        if cell.is_baseline:
+            metrics = self._evaluate(self.float_model)
+            act = activation_memory(self.float_model, self.input_shape)
+            return {
+                **metrics,
+                "size_bytes": self.fp32_bytes,
+                "fp32_bytes": self.fp32_bytes,
+                "model_ratio": 1.0,
+                "weight_ratio": 1.0,
+                "act_total_ratio": 1.0,
+                "act_peak_ratio": 1.0,
+                "act_total_bytes": act.total_fp32_bytes,
+                "act_peak_bytes": act.peak_fp32_bytes,
+                "final_mb": self.fp32_bytes / 1e6,
+                "images_val": int(self.val[1].shape[0]),
+                "images_test": int(self.test[1].shape[0]),
+            }
+        return self._quantized(cell)
+
+    def _quantized(self, cell: Cell) -> dict[str, Any]:
+        from bitsweep.measure.activations import activation_memory
+        from bitsweep.measure.packed import PackedMeta, save_packed
+        from bitsweep.measure.size import size_report
+        from bitsweep.quant import convert, quantize_
+
+        config = quant_config_for(cell)
+        model = copy.deepcopy(self.model).eval()
+        try:
+            quantize_(model, config)
+        except ValueError as e:
+            raise BitsweepError(f"cell {cell.label}: {e}") from None
+        convert(model, self.stats)
+        model = model.to(memory_format=torch.channels_last)
+        metrics = self._evaluate(model)
+        meta = PackedMeta(self._architecture(), config, extra={"cell": cell.to_dict(), **metrics})
+        with tempfile.TemporaryDirectory() as tmp:
+            target = Path(self.spec.packed_dir or tmp) / f"{cell.cell_id}.safetensors"
+            packed = save_packed(model, target, meta)
+        sizes = size_report(model)
+        act = activation_memory(model, self.input_shape)
+        row = {
+            **metrics,
+            "size_bytes": packed.file_bytes,
+            "fp32_bytes": self.fp32_bytes,
+            "model_ratio": self.fp32_bytes / packed.file_bytes,
+            "weight_ratio": sizes.weight_ratio,
+            "act_total_ratio": act.total_ratio,
+            "act_peak_ratio": act.peak_ratio,
+            "act_total_bytes": act.total_quant_bytes,
+            "act_peak_bytes": act.peak_quant_bytes,
+            "final_mb": packed.file_bytes / 1e6,
+            "weight_payload_bytes": sizes.weight_payload_bytes,
+            "packed_header_bytes": packed.header_bytes,
+            "images_val": int(self.val[1].shape[0]),
+            "images_test": int(self.test[1].shape[0]),
+        }
+        if self.spec.packed_dir is not None:
+            row["packed_file"] = str(target)
+        return row

@@ -1,0 +1,147 @@
+"""Grid expansion: the axes of a sweep become a list of frozen :class:`Cell` values.
+
+A cell is one quantization configuration to try. Its id is a hash of its
+configuration (not of its position in the grid), so a resumed sweep
+recognises finished cells even when the grid was written in another order or
+grew new values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import itertools
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from bitsweep.errors import BitsweepError
+
+GRANULARITIES: tuple[str, ...] = ("per_tensor", "per_channel")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One configuration of a sweep.
+
+    ``weight_bits=None`` and ``activation_bits=None`` together are the FP32
+    baseline: the unquantized model, evaluated once per sweep so that every
+    accuracy drop is measured against the same number.
+
+    Attributes:
+        weight_bits: bits of every quantized weight (1..16), None for float weights.
+        activation_bits: bits of every quantized activation (1..16), None for float activations.
+        granularity: ``per_channel`` (one scale per output channel) or ``per_tensor`` weight scales.
+        observer: how ranges are chosen from the calibration statistics, for weights and activations
+            (``minmax``, ``mse``, ... as ``bitsweep.quant`` names them).
+        symmetric: symmetric (zero point 0) weight quantization.
+    """
+
+    weight_bits: int | None = 8
+    activation_bits: int | None = 8
+    granularity: str = "per_channel"
+    observer: str = "minmax"
+    symmetric: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("weight_bits", "activation_bits"):
+            bits = getattr(self, name)
+            if bits is None:
+                continue
+            if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16:
+                raise ValueError(f"{name} must be a whole number from 1 to 16, got {bits!r}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
+        if not isinstance(self.observer, str) or not self.observer:
+            raise ValueError(f"observer must be a name such as minmax or mse, got {self.observer!r}")
+        if not isinstance(self.symmetric, bool):
+            raise ValueError(f"symmetric must be true or false, got {self.symmetric!r}")
+
+    @property
+    def is_baseline(self) -> bool:
+        """True for the unquantized FP32 reference cell."""
+        return self.weight_bits is None and self.activation_bits is None
+
+    @property
+    def cell_id(self) -> str:
+        """A stable 12-hex-digit id: the SHA-256 of the cell's configuration as sorted JSON.
+
+        Python's ``hash`` is salted per process, so it cannot identify a cell
+        across a resumed run; this id can.
+
+        >>> Cell(4, 8).cell_id == Cell(weight_bits=4, activation_bits=8).cell_id
+        True
+        >>> Cell(4, 8).cell_id == Cell(8, 4).cell_id
+        False
+        """
+        text = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+    @property
+    def label(self) -> str:
+        """A short human name such as ``W4A8 per_channel minmax`` or ``FP32``."""
+        if self.is_baseline:
+            return "FP32"
+        w = "Wfp" if self.weight_bits is None else f"W{self.weight_bits}"
+        a = "Afp" if self.activation_bits is None else f"A{self.activation_bits}"
+        extra = "" if self.symmetric else " asym"
+        return f"{w}{a} {self.granularity} {self.observer}{extra}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The cell's configuration as a plain dict (the columns it contributes to a results row)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Cell:
+        """Rebuild a cell from a results row (extra keys such as accuracies are ignored)."""
+        return cls(**{name: data[name] for name in AXES if name in data})
+
+
+AXES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Cell))
+
+
+def baseline_cell() -> Cell:
+    """The FP32 reference cell (no quantization)."""
+    return Cell(weight_bits=None, activation_bits=None)
+
+
+def expand_grid(axes: Mapping[str, Sequence[Any]], include_baseline: bool = True) -> list[Cell]:
+    """Every combination of the axis values, in order, as cells (the FP32 baseline first).
+
+    Args:
+        axes: axis name (a :class:`Cell` field) -> the values to try. Axes left out keep
+            the :class:`Cell` default.
+        include_baseline: prepend the FP32 baseline cell, which every accuracy drop refers to.
+
+    Raises:
+        BitsweepError: for an unknown axis, an axis without values, or an invalid value.
+
+    >>> [c.label for c in expand_grid({"weight_bits": [2, 4], "activation_bits": [8]})]
+    ['FP32', 'W2A8 per_channel minmax', 'W4A8 per_channel minmax']
+    """
+    names = list(axes)
+    for name in names:
+        if name not in AXES:
+            close = difflib.get_close_matches(name, AXES, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise BitsweepError(f"unknown sweep axis '{name}'{hint}; valid axes: {', '.join(AXES)}")
+        values = axes[name]
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+            raise BitsweepError(f"sweep axis '{name}' needs a list of values, got {values!r}")
+        if len(values) == 0:
+            raise BitsweepError(f"sweep axis '{name}' has no values; give at least one, e.g. --{name.replace('_', '-')} 8")
+    cells: list[Cell] = [baseline_cell()] if include_baseline else []
+    seen = {c.cell_id for c in cells}
+    for combo in itertools.product(*(axes[n] for n in names)):
+        try:
+            cell = Cell(**dict(zip(names, combo)))
+        except ValueError as e:
+            raise BitsweepError(f"invalid sweep value: {e}") from None
+        if cell.cell_id not in seen:  # repeated values in an axis would otherwise run twice
+            seen.add(cell.cell_id)
+            cells.append(cell)
+    if len(cells) == (1 if include_baseline else 0):
+        raise BitsweepError("the sweep grid is empty; give at least one weight and one activation bit width")
+    return cells

@@ -1,0 +1,85 @@
+"""The packed file: exact logits after reload, size = analytic estimate + header, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from bitsweep.errors import BitsweepError
+from bitsweep.measure.packed import PackedMeta, load_packed, read_header, save_packed
+from bitsweep.measure.size import fp32_file_bytes, size_report
+from tests.measure.conftest import ARCH, make_quantized
+
+
+@pytest.mark.parametrize("weight_bits", [1, 2, 3, 4, 8, 16])
+def test_round_trip_logits_identical_and_size_matches(tmp_path: Path, weight_bits: int) -> None:
+    model, config = make_quantized(weight_bits, 8)
+    info = save_packed(model, tmp_path / "m.safetensors", PackedMeta(ARCH, config, {"note": "test"}))
+    loaded, meta = load_packed(info.path)
+    x = torch.randn(5, 1, 12, 12)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    assert meta.extra == {"note": "test"} and meta.architecture == ARCH
+    report = size_report(model)
+    assert info.file_bytes == info.path.stat().st_size
+    assert info.payload_bytes == report.payload_bytes  # analytic estimate = tensor bytes in the file
+    _, header = read_header(info.path)
+    assert info.file_bytes - report.payload_bytes == header == info.header_bytes
+    # The packed weights really take bits/32 of the float weights.
+    assert report.weight_payload_bytes == sum((layer.weight_elements * weight_bits + 7) // 8 for layer in report.layers)
+    assert info.file_bytes < fp32_file_bytes(model)
+
+
+def test_sub_8_bit_file_is_smaller_than_8_bit(tmp_path: Path) -> None:
+    sizes = {}
+    for bits in (2, 4, 8):
+        model, config = make_quantized(bits, 8)
+        sizes[bits] = save_packed(model, tmp_path / f"{bits}.safetensors", PackedMeta(ARCH, config)).file_bytes
+    assert sizes[2] < sizes[4] < sizes[8]
+
+
+@pytest.fixture
+def packed_file(tmp_path: Path) -> Path:
+    model, config = make_quantized(4, 8)
+    return save_packed(model, tmp_path / "m.safetensors", PackedMeta(ARCH, config)).path
+
+
+def test_truncated_file_is_refused(packed_file: Path) -> None:
+    data = packed_file.read_bytes()
+    for cut in (4, 100, len(data) - 1):
+        packed_file.write_bytes(data[:cut])
+        with pytest.raises(BitsweepError, match="truncated or corrupted"):
+            load_packed(packed_file)
+
+
+def test_flipped_payload_byte_is_refused(packed_file: Path) -> None:
+    data = bytearray(packed_file.read_bytes())
+    data[-10] ^= 0xFF
+    packed_file.write_bytes(bytes(data))
+    with pytest.raises(BitsweepError, match="checksum"):
+        load_packed(packed_file)
+
+
+def test_foreign_safetensors_and_missing_file(tmp_path: Path) -> None:
+    other = tmp_path / "other.safetensors"
+    save_file({"w": torch.zeros(3)}, str(other))
+    with pytest.raises(BitsweepError, match="not a bitsweep packed file"):
+        load_packed(other)
+    with pytest.raises(BitsweepError, match="not found"):
+        load_packed(tmp_path / "missing.safetensors")
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(np.random.default_rng(0).bytes(500))
+    with pytest.raises(BitsweepError, match="bitsweep packed"):
+        load_packed(garbage)
+
+
+def test_other_architecture_is_refused(tmp_path: Path) -> None:
+    model, config = make_quantized(4, 8)
+    wrong = ARCH.__class__(**{**ARCH.__dict__, "options": {"width": 0.5}})
+    path = save_packed(model, tmp_path / "m.safetensors", PackedMeta(wrong, config)).path
+    with pytest.raises(BitsweepError, match="does not match the architecture"):
+        load_packed(path)

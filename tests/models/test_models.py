@@ -1,0 +1,98 @@
+"""Every registered model: output shapes on each supported input size, options, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bitsweep.errors import BitsweepError
+from bitsweep.models import create_model, list_models
+from bitsweep.models.mobilenetv2 import Add
+
+
+def _params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_registry_lists_all_architectures() -> None:
+    assert {"mobilenetv2", "vgg16", "resnet20"} <= set(list_models())
+
+
+@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("size", [8, 28, 32])
+def test_forward_shapes(name: str, channels: int, size: int) -> None:
+    model = create_model(name, num_classes=7, in_channels=channels, width=0.25).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, channels, size, size))
+    assert out.shape == (2, 7)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_train_step_reduces_loss_and_accepts_channels_last(name: str) -> None:
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=3, in_channels=1, width=0.25, dropout=0.0)
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(12, 1, 8, 8).contiguous(memory_format=torch.channels_last)
+    y = torch.arange(12) % 3
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for _ in range(15):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_width_scales_parameters(name: str) -> None:
+    small = _params(create_model(name, num_classes=10, width=0.25))
+    large = _params(create_model(name, num_classes=10, width=0.5))
+    assert small < large
+
+
+def test_mobilenetv2_parameter_count_is_published() -> None:
+    assert _params(create_model("mobilenetv2", num_classes=100, width=1.0)) == 2_351_972
+    assert _params(create_model("mobilenetv2", num_classes=10, width=1.0)) == 2_236_682
+
+
+def test_resnet20_size_and_residual_adds() -> None:
+    model = create_model("resnet20", num_classes=10)
+    # 269,722 parameters with option A; option B adds two 1x1 projections with BN.
+    assert _params(model) == 269_722 + (16 * 32 + 2 * 32) + (32 * 64 + 2 * 64)
+    assert sum(isinstance(m, Add) for m in model.modules()) == 9
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
+    assert len(convs) == 19  # + 1 linear = 20 weighted layers
+
+
+def test_vgg16_has_thirteen_conv_bn_layers() -> None:
+    model = create_model("vgg16", num_classes=10, width=0.25)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(convs) == len(bns) == 13
+    assert [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_dropout_option_is_used(name: str) -> None:
+    model = create_model(name, num_classes=10, width=0.25, dropout=0.3)
+    rates = {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
+    assert rates == {0.3}
+
+
+def test_unknown_model_names_the_choices() -> None:
+    with pytest.raises(BitsweepError, match="unknown model 'resnet21'.*did you mean 'resnet20'"):
+        create_model("resnet21", num_classes=10)
+
+
+@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [({"width": 0.0}, "width must be in"), ({"dropout": 1.0}, "dropout must be in"), ({"depth": 3}, "no option")],
+)
+def test_bad_options_raise_user_errors(name: str, options: dict, message: str) -> None:
+    with pytest.raises(BitsweepError, match=message):
+        create_model(name, num_classes=10, **options)

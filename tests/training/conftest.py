@@ -1,0 +1,45 @@
+"""Tiny data and configs so that every training test runs in seconds on a shared CPU."""
+
+from __future__ import annotations
+
+import pytest
+
+from bitsweep.config import AugmentConfig, DataConfig, ModelConfig, RunConfig, TrainConfig
+from bitsweep.data import DatasetSplits, load_dataset
+
+
+@pytest.fixture(scope="session")
+def tiny_splits() -> DatasetSplits:
+    """The synthetic dataset cut to 96 train / 48 val / 48 test images."""
+    full = load_dataset(DataConfig(name="synthetic"), seed=0)
+    return DatasetSplits(
+        name=full.name,
+        train=full.train.subset(slice(0, 96)),
+        val=full.val.subset(slice(0, 48)),
+        test=full.test.subset(slice(0, 48)),
+        num_classes=full.num_classes,
+        in_channels=full.in_channels,
+        image_size=full.image_size,
+        mean=full.mean,
+        std=full.std,
+        class_names=full.class_names,
+    )
+
+
+def _tiny_config(tmp_path, epochs: int = 3, **train: object) -> RunConfig:
+    """VGG-16 at width 0.125 (the fastest registered model on CPU) with crop+flip augmentation."""
+    return RunConfig(
+        data=DataConfig(name="synthetic", augment=AugmentConfig(crop_padding=2, hflip=True)),
+        model=ModelConfig(name="vgg16", width=0.125, dropout=0.1),
+        train=TrainConfig(epochs=epochs, batch_size=32, lr=0.05, warmup_epochs=1, eval_batch_size=64,
+                          tensorboard=False, **train),  # type: ignore[arg-type]
+        seed=3,
+        device="cpu",
+        output_dir=str(tmp_path),
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """Factory ``tiny_config(tmp_path, epochs=3, **train_options) -> RunConfig``."""
+    return _tiny_config

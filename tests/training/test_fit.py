@@ -1,0 +1,115 @@
+"""fit(): the run directory, exact resume after an interruption, and refused resumes."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from bitsweep.config import ModelConfig
+from bitsweep.data import DatasetSplits
+from bitsweep.errors import BitsweepError
+from bitsweep.training import fit, load_checkpoint, load_model
+
+
+class Interrupt:
+    """Raises KeyboardInterrupt after the given epoch, like Ctrl-C between epochs."""
+
+    def __init__(self, after: int) -> None:
+        self.after = after
+
+    def __call__(self, epoch: int, row: dict) -> None:
+        if epoch == self.after:
+            raise KeyboardInterrupt
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory: pytest.TempPathFactory, tiny_splits: DatasetSplits, tiny_config):
+    """One uninterrupted 3-epoch run shared by the tests below."""
+    tmp = tmp_path_factory.mktemp("full")
+    config = tiny_config(tmp)
+    return config, fit(config, run_dir=tmp / "run", splits=tiny_splits, progress=False)
+
+
+def test_run_directory_is_complete(full_run) -> None:
+    config, result = full_run
+    run = result.run_dir
+    for name in ("config.yaml", "environment.json", "metrics.csv", "metrics.jsonl", "best.pt", "last.pt",
+                 "curves.png", "eval.json"):  # fmt: skip
+        assert (run / name).is_file(), name
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["name"] == "vgg16"
+    assert json.loads((run / "environment.json").read_text())["torch"] == torch.__version__
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3] == [r["epoch"] for r in result.metrics]
+    with open(run / "metrics.csv") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in csv_rows] == [1, 2, 3]
+    for key in ("lr", "train_loss", "train_acc", "val_loss", "val_top1", "val_top5", "epoch_seconds",
+                "train_images_per_s"):  # fmt: skip
+        assert key in csv_rows[0]
+    assert rows[0]["lr"] < rows[1]["lr"]  # still warming up during epoch 1
+    assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    evaluation = json.loads((run / "eval.json").read_text())
+    assert evaluation["test"]["top1"] == pytest.approx(result.test.top1)
+    assert evaluation["test"]["images"] == 48 and evaluation["val"]["images"] == 48
+
+
+def test_best_checkpoint_is_the_best_validation_epoch(full_run) -> None:
+    _, result = full_run
+    best_epoch = max(result.metrics, key=lambda r: r["val_top1"])["epoch"]
+    best = load_checkpoint(result.best_checkpoint)
+    assert best["epoch"] == best_epoch
+    assert "optimizer" not in best  # only last.pt carries resume state
+    last = load_checkpoint(result.last_checkpoint)
+    assert last["epoch"] == 3 and {"optimizer", "scheduler", "rng"} <= set(last)
+    model, info = load_model(result.best_checkpoint)
+    assert info.epoch == best_epoch and info.num_classes == 10 and info.model.name == "vgg16"
+    assert result.val.top1 == pytest.approx(max(r["val_top1"] for r in result.metrics))
+
+
+def test_learning_happens(full_run) -> None:
+    _, result = full_run
+    assert result.metrics[-1]["train_loss"] < result.metrics[0]["train_loss"]
+
+
+def test_resume_after_interruption_is_bitwise_identical(tmp_path: Path, full_run, tiny_splits) -> None:
+    config, reference = full_run
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        fit(config, run_dir=run, splits=tiny_splits, callbacks=[Interrupt(after=1)], progress=False)
+    assert load_checkpoint(run / "last.pt")["epoch"] == 1
+    resumed = fit(config, resume=run, splits=tiny_splits, progress=False)
+    assert resumed.run_dir == run
+    want = load_checkpoint(reference.last_checkpoint)["model_state"]
+    got = load_checkpoint(resumed.last_checkpoint)["model_state"]
+    assert want.keys() == got.keys()
+    for key in want:
+        assert torch.equal(want[key], got[key]), key
+    keys = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_top1")
+    assert [{k: r[k] for k in keys} for r in resumed.metrics] == [{k: r[k] for k in keys} for r in reference.metrics]
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_resume_into_another_architecture_is_refused(full_run) -> None:
+    config, result = full_run
+    other = dataclasses.replace(config, model=ModelConfig(name="resnet20", width=0.125))
+    with pytest.raises(BitsweepError, match="holds model vgg16.*but model resnet20 was expected"):
+        fit(other, resume=result.run_dir, progress=False)
+
+
+def test_resume_with_another_schedule_is_refused(full_run) -> None:
+    config, result = full_run
+    longer = dataclasses.replace(config, train=dataclasses.replace(config.train, epochs=5))
+    with pytest.raises(BitsweepError, match=r"train.epochs: 3 -> 5"):
+        fit(longer, resume=result.run_dir, progress=False)
+
+
+def test_resume_from_best_is_refused(full_run) -> None:
+    config, result = full_run
+    with pytest.raises(BitsweepError, match="no optimizer state"):
+        fit(config, resume=result.best_checkpoint, progress=False)
