@@ -67,7 +67,7 @@ def ensure_checkpoint(train: bool = True) -> Path:
     return CHECKPOINT
 
 
-def quick_checkpoint(steps: int = 300, width: float = 0.25) -> Path:
+def quick_checkpoint(steps: int = 40, width: float = 0.25, batch_size: int = 64) -> Path:
     """A tiny Fashion-MNIST MobileNet-v2 (``width``, ``steps`` SGD steps), made once and cached.
 
     It exists so ``--quick`` runs check every code path in a minute or two
@@ -85,12 +85,12 @@ def quick_checkpoint(steps: int = 300, width: float = 0.25) -> Path:
     config = RunConfig(
         data=DataConfig(name="fashion_mnist", download=False),
         model=ModelConfig(name="mobilenetv2", width=width),
-        train=TrainConfig(epochs=1, batch_size=128, lr=0.05, warmup_epochs=0.0),
+        train=TrainConfig(epochs=1, batch_size=batch_size, lr=0.05, warmup_epochs=0.0),
         run_name="fmnist_mbv2_quick",
     )
     splits = load_dataset(config.data, seed=0)
     model = create_model("mobilenetv2", splits.num_classes, splits.in_channels, width=width)
-    loader = TensorLoader(splits.train, 128, mean=splits.mean, std=splits.std, shuffle=True, drop_last=True)
+    loader = TensorLoader(splits.train, batch_size, mean=splits.mean, std=splits.std, shuffle=True, drop_last=True)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=steps)
     start = time.perf_counter()
@@ -104,6 +104,8 @@ def quick_checkpoint(steps: int = 300, width: float = 0.25) -> Path:
             opt.step()
             sched.step()
             step += 1
+            if step % 10 == 0:
+                print(f"[fmnist_model] quick checkpoint: step {step}/{steps}, loss {loss.item():.3f}", flush=True)
             if step >= steps:
                 break
     print(f"[fmnist_model] quick checkpoint: {steps} steps in {time.perf_counter() - start:.0f} s", flush=True)

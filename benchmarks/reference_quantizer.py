@@ -45,7 +45,7 @@ def symmetric_minmax_fake_quant(w: torch.Tensor, bits: int) -> tuple[torch.Tenso
     with ``scale = max|w| / (2**(b-1)-1)``; 1 bit has no such grid (qmax = 0)
     and is rejected rather than silently redefined.
 
-    >>> q, s = symmetric_minmax_fake_quant(torch.tensor([-1.0, 0.2, 0.5]), 2)
+    >>> q, s = symmetric_minmax_fake_quant(torch.tensor([-1.0, 0.2, 0.6]), 2)
     >>> q.tolist(), float(s)
     ([-1.0, 0.0, 1.0], 1.0)
     """

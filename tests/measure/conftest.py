@@ -12,11 +12,11 @@ from bitsweep.measure.packed import Architecture
 from bitsweep.models import create_model
 from bitsweep.quant import QuantConfig, calibrate, convert, quantize_
 
-ARCH = Architecture("mobilenetv2", 10, 1, (12, 12), (0.5,), (0.25,), {"width": 0.25})
+ARCH = Architecture("mobilenetv2", 10, 1, (8, 8), (0.5,), (0.25,), {"width": 0.25})
 
 
 def make_quantized(weight_bits: int, activation_bits: int | None = 8, seed: int = 0) -> tuple[nn.Module, QuantConfig]:
-    """A width-0.25 MobileNet-v2 on 1x12x12 inputs, randomly initialised, calibrated on noise, converted."""
+    """A width-0.25 MobileNet-v2 on 1x8x8 inputs, randomly initialised, calibrated on noise, converted."""
     torch.manual_seed(seed)
     model = create_model("mobilenetv2", 10, 1, width=0.25).eval()
     # Random BN statistics so folding produces non-trivial weights and biases.
@@ -29,12 +29,26 @@ def make_quantized(weight_bits: int, activation_bits: int | None = 8, seed: int 
     config = QuantConfig.from_bits(weight_bits, activation_bits)
     quantize_(model, config)
     g = torch.Generator().manual_seed(seed)
-    calibrate(model, [torch.randn(16, 1, 12, 12, generator=g) for _ in range(2)], num_batches=2)
+    calibrate(model, [torch.randn(16, 1, 8, 8, generator=g) for _ in range(2)], num_batches=2)
     convert(model)
     return model, config
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def quantized() -> Callable[..., tuple[nn.Module, QuantConfig]]:
-    """Factory fixture: ``quantized(weight_bits, activation_bits)``."""
-    return make_quantized
+    """Factory fixture ``quantized(weight_bits, activation_bits)``; one model per widths per session (read-only use)."""
+    cache: dict[tuple[int, int | None], tuple[nn.Module, QuantConfig]] = {}
+
+    def get(weight_bits: int, activation_bits: int | None = 8) -> tuple[nn.Module, QuantConfig]:
+        key = (weight_bits, activation_bits)
+        if key not in cache:
+            cache[key] = make_quantized(weight_bits, activation_bits)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def arch() -> Architecture:
+    """The architecture record of :func:`make_quantized` models."""
+    return ARCH

@@ -8,6 +8,14 @@ import torch
 from bitsweep.errors import BitsweepError
 from bitsweep.models import create_model, list_models
 from bitsweep.models.mobilenetv2 import Add
+from bitsweep.runtime import torch_threads
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Single-threaded: small kernels are latency-bound, and OpenMP sync on a shared CPU is slow."""
+    with torch_threads(1):
+        yield
 
 
 def _params(model: torch.nn.Module) -> int:
@@ -36,15 +44,15 @@ def test_train_step_reduces_loss_and_accepts_channels_last(name: str) -> None:
     model = model.to(memory_format=torch.channels_last)
     x = torch.randn(12, 1, 8, 8).contiguous(memory_format=torch.channels_last)
     y = torch.arange(12) % 3
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
-    for _ in range(15):
+    for _ in range(20):
         loss = torch.nn.functional.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < losses[0]
+    assert losses[-1] < 0.7 * losses[0]  # every model can fit 12 images
 
 
 @pytest.mark.parametrize("name", list_models())

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from bitsweep.config import AugmentConfig, DataConfig, ModelConfig, RunConfig, TrainConfig
 from bitsweep.data import DatasetSplits, load_dataset
+from bitsweep.runtime import torch_threads
 
 
 @pytest.fixture(scope="session")
@@ -43,3 +45,11 @@ def _tiny_config(tmp_path, epochs: int = 3, **train: object) -> RunConfig:
 def tiny_config():
     """Factory ``tiny_config(tmp_path, epochs=3, **train_options) -> RunConfig``."""
     return _tiny_config
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared 2-core CI box, OpenMP thread sync under contention
+    makes small kernels up to 100x slower, and tests here are latency-bound anyway."""
+    with torch_threads(1):
+        yield

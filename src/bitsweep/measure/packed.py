@@ -292,6 +292,9 @@ def _fill(model: nn.Module, info: dict[str, Any], tensors: dict[str, torch.Tenso
         raise BitsweepError(f"file has {len(stored_aq)} activation quantizers, the rebuilt model {len(aqs)}")
     for i, (name, si) in enumerate(stored_aq):
         aqs[name].set_qparams(specs[si], tensors["activations.scale"][i], tensors["activations.zero_point"][i])
+    for m in model.modules():  # same inference shortcut convert() enables (exact, see QuantOutput.try_fuse)
+        if hasattr(m, "try_fuse"):
+            m.try_fuse()
     state = model.state_dict()
     for key, t in tensors.items():
         if key.startswith("float."):

@@ -110,9 +110,9 @@ def _swap_weights(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | N
     return left
 
 
-def _new_quantizer(config: QuantConfig, name: str, site: str) -> ActivationQuantizer | None:
+def _new_quantizer(config: QuantConfig, name: str, site: str, inplace: bool = False) -> ActivationQuantizer | None:
     spec = config.activation_spec_for(name)
-    return None if spec is None else ActivationQuantizer(spec, config.activation_observer, site)
+    return None if spec is None else ActivationQuantizer(spec, config.activation_observer, site, inplace)
 
 
 def _insert_activation_quantizers(model: nn.Module, config: QuantConfig, info: GraphInfo, notes: list[str]) -> None:
@@ -144,18 +144,18 @@ def _insert_activation_quantizers(model: nn.Module, config: QuantConfig, info: G
                 quantized.add(node)
         elif kind == "weight" and own_module:
             m = mods[target]
-            users = list(node.users)
+            users = _consumers(node, info)
             fused = users and all(info.kind.get(u) == "activation" for u in users)
             to_output = all(u.op == "output" for u in users)
             if isinstance(m, (QuantConv2d, QuantLinear)) and not fused and not to_output:
-                m.output_quantizer = _new_quantizer(config, target, "output")
+                m.output_quantizer = _new_quantizer(config, target, "output", inplace=True)
                 quantized.add(node)
         elif kind in ("activation", "pool", "add"):
             inputs = [a for a in (node.args[:2] if kind == "add" else ()) if isinstance(a, fx.Node)]
             edge = [None if a in quantized else a for a in inputs]
             if own_module:
                 in_q = [None if e is None else _new_quantizer(config, target, "add_input") for e in edge]
-                out_q = _new_quantizer(config, target, kind)
+                out_q = _new_quantizer(config, target, kind, inplace=True)
                 wrapped[target] = QuantOutput(mods[target], out_q, in_q if any(q is not None for q in in_q) else None)
             else:
                 graph_sites.append((node, kind, None))
@@ -167,6 +167,14 @@ def _insert_activation_quantizers(model: nn.Module, config: QuantConfig, info: G
     if graph_sites:
         _rewrite_graph(model, graph, config, graph_sites)
         notes.append(f"{len(graph_sites)} activation quantizers inserted in the traced forward (functional ops)")
+
+
+def _consumers(node: fx.Node, info: GraphInfo) -> list[fx.Node]:
+    """Users of ``node``, looking through passthrough nodes (a folded BN's Identity, Dropout, Flatten)."""
+    out: list[fx.Node] = []
+    for u in node.users:
+        out.extend(_consumers(u, info) if info.kind.get(u) == "passthrough" and u.users else [u])
+    return out
 
 
 def _node_inputs_quantized(node: fx.Node, quantized: set[fx.Node], info: GraphInfo) -> bool:
@@ -325,4 +333,6 @@ def convert(model: nn.Module, stats: CalibrationStats | None = None) -> nn.Modul
     for m in model.modules():
         if isinstance(m, (QuantConv2d, QuantLinear)):
             m.convert_weight()
+        elif isinstance(m, QuantOutput):
+            m.try_fuse()
     return model

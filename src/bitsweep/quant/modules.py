@@ -40,8 +40,11 @@ MODES = ("off", "observe", "quantize")
 class ActivationQuantizer(nn.Module):
     """Fake-quantizes one activation tensor, per tensor, with frozen qparams after ``convert``."""
 
-    def __init__(self, spec: QuantSpec, observer: str = "minmax", site: str = "activation") -> None:
+    def __init__(
+        self, spec: QuantSpec, observer: str = "minmax", site: str = "activation", inplace: bool = False
+    ) -> None:
         super().__init__()
+        self.inplace = inplace  # overwrite the input in inference: only for tensors this quantizer owns
         self.spec = spec
         self.requested_spec = spec  # the configured spec; ``spec`` becomes the effective one at convert
         self.observer = observer
@@ -76,7 +79,7 @@ class ActivationQuantizer(nn.Module):
             return x
         if (x.requires_grad and torch.is_grad_enabled()) or x.dtype != torch.float32:
             return fake_quantize(x, self.scale, self.zero_point, self.spec)
-        return fake_quantize_fast(x, *self._fast)
+        return fake_quantize_fast(x, *self._fast, inplace=self.inplace)
 
     def extra_repr(self) -> str:
         return f"site={self.site}, bits={self.spec.bits}, signed={self.spec.signed}, mode={self.mode}"
@@ -225,6 +228,22 @@ class QuantLinear(_QuantWeightMixin, nn.Linear):
         return self._io(x, lambda t, w: F.linear(t, w, self.bias))
 
 
+@torch.no_grad()
+def clamp_bounds(module: nn.Module) -> tuple[float, float] | None:
+    """(a, b) if ``module(x) == clamp(x, a, b)`` on a probe of values from -1e4 to 1e4, else None."""
+    if list(module.parameters()) or list(module.buffers()):
+        return None
+    x = torch.cat([torch.linspace(-1e4, 1e4, 2001), torch.linspace(-20, 20, 4001)])
+    try:
+        y = module(x.clone())
+        a, b = module(torch.tensor([-1e6])).item(), module(torch.tensor([1e6])).item()
+    except Exception:  # noqa: BLE001 - not an elementwise activation of a 1-d tensor
+        return None
+    if not isinstance(y, torch.Tensor) or y.shape != x.shape or not a < b:
+        return None
+    return (a, b) if torch.equal(y, x.clamp(a, b)) else None
+
+
 class QuantOutput(nn.Module):
     """Wraps a module whose output (and optionally inputs) an integer deployment holds."""
 
@@ -242,8 +261,36 @@ class QuantOutput(nn.Module):
             if input_quantizers
             else None
         )
+        self.fused = False  # set by try_fuse(): skip a clamp-like activation the quantizer's clamp subsumes
+
+    @torch.no_grad()
+    def try_fuse(self) -> bool:
+        """Skip the wrapped activation at inference when that is exact, and say whether it is.
+
+        A clamp-like activation (``f(x) == clamp(x, a, b)``: ReLU, ReLU6, Hardtanh;
+        found by probing, not by class) is redundant when every value it clips
+        already lands on the quantizer's lowest/highest level:
+        ``round(a / scale) <= qmin - zp`` and ``round(b / scale) >= qmax - zp``.
+        Then ``fake_quant(f(x)) == fake_quant(x)`` bit for bit, and one
+        elementwise pass per activation is saved.
+        """
+        q = self.output_quantizer
+        self.fused = False
+        if q is None or self.input_quantizers is not None or q.mode != "quantize" or q.site != "activation":
+            return False
+        bounds = clamp_bounds(self.module)
+        if bounds is not None:
+            inv, _, lo, hi = q._fast
+            a, b = (torch.round(torch.tensor(v, dtype=torch.float32) * inv).item() for v in bounds)
+            self.fused = a <= lo and b >= hi
+        return self.fused
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        q = self.output_quantizer
+        if self.fused and q is not None and q.mode == "quantize" and len(args) == 1 and not (
+            args[0].requires_grad and torch.is_grad_enabled()
+        ) and args[0].dtype == torch.float32:
+            return fake_quantize_fast(args[0], *q._fast)  # never in place: the input may have other readers
         if self.input_quantizers is not None:
             qs = list(self.input_quantizers)
             args = tuple(qs[i](a) if i < len(qs) else a for i, a in enumerate(args))

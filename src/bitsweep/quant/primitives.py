@@ -184,8 +184,13 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     return fake_quantize_reference(x, scale, zero_point, spec).to(x.dtype)
 
 
-def fake_quantize_fast(x: torch.Tensor, inv_scale: float, scale: float, lo: float, hi: float) -> torch.Tensor:
+def fake_quantize_fast(
+    x: torch.Tensor, inv_scale: float, scale: float, lo: float, hi: float, inplace: bool = False
+) -> torch.Tensor:
     """Per-tensor fake-quant in four elementwise passes, for inference.
+
+    With ``inplace=True`` it overwrites ``x`` (no new allocation), for callers
+    that own a fresh tensor nobody else reads.
 
     Equal bit for bit to the reference formula when ``inv_scale`` is the
     float32 value of ``1 / scale``, ``lo = qmin - zero_point`` and
@@ -199,7 +204,7 @@ def fake_quantize_fast(x: torch.Tensor, inv_scale: float, scale: float, lo: floa
     >>> torch.equal(fast, ref)
     True
     """
-    y = x.mul(inv_scale)
+    y = x.mul_(inv_scale) if inplace else x.mul(inv_scale)
     y.round_()
     y.clamp_(lo, hi)
     return y.mul_(scale)

@@ -141,4 +141,20 @@ def format_front(front: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Cell", "SweepOutcome", "format_front", "sweep_checkpoint"]
+# The quickstart's grid: small enough to stay well under a minute on 8x8 digits with 2 CPU cores.
+QUICKSTART_AXES: dict[str, list[int]] = {"weight_bits": [2, 4, 8], "activation_bits": [4, 8]}
+
+
+def quickstart_sweep(checkpoint: str | os.PathLike[str], run_dir: str | os.PathLike[str], progress: bool = True) -> SweepOutcome:
+    """The sweep ``bitsweep quickstart`` ends with: :data:`QUICKSTART_AXES` into ``run_dir/sweep``, with a report."""
+    return sweep_checkpoint(
+        checkpoint,
+        Path(run_dir) / "sweep",
+        QUICKSTART_AXES,
+        EvalSettings(calib_batches=4, calib_batch_size=128, eval_batch_size=512),
+        device="cpu",
+        progress=progress,
+    )
+
+
+__all__ = ["Cell", "QUICKSTART_AXES", "SweepOutcome", "format_front", "quickstart_sweep", "sweep_checkpoint"]

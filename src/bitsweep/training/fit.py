@@ -27,7 +27,7 @@ from bitsweep.config import RunConfig, to_dict
 from bitsweep.data import DatasetSplits, TensorLoader, load_dataset
 from bitsweep.errors import BitsweepError
 from bitsweep.io import write_json_atomic, write_text_atomic
-from bitsweep.models import create_model
+from bitsweep.models import create_model, list_models
 from bitsweep.runtime import autocast, choose_device, environment, make_run_dir, seed_everything
 from bitsweep.training import distributed as dist_utils
 from bitsweep.training.checkpoint import (
@@ -145,6 +145,8 @@ def _fit(
     progress: bool,
 ) -> FitResult:
     tc = config.train
+    if config.model.name not in list_models():  # fail before a possibly slow dataset load
+        create_model(config.model.name, num_classes=1)
     state = _resume_state(config, resume) if resume is not None else None
     seed_everything(config.seed)
     data = splits if splits is not None else load_dataset(config.data, config.seed)

@@ -1,0 +1,101 @@
+"""How long the 5x5 bit-width sweep takes, against 25 separate ``bitsweep quantize`` processes.
+
+The sweep loads the model and data once, calibrates once (statistics reused
+for every bit width), normalizes the evaluation images once, and evaluates
+each cell with large batches under ``inference_mode``; separate processes
+redo all of that per cell. Both run the same cells on the same checkpoint.
+Note: each sweep cell evaluates validation AND test images and writes a packed
+file; ``bitsweep quantize`` evaluates what its own command does (see its docs),
+so the separate runs are, if anything, the lighter per-cell workload.
+
+Target: the 5x5 grid (W, A in {1, 2, 4, 8, 16}) on the Fashion-MNIST
+MobileNet-v2 (width 0.5; 5,000 validation + 10,000 test images) in under
+5 minutes on 2 CPU cores.
+
+    python benchmarks/sweep_speed.py            # full: writes the sweep_speed section of BENCHMARKS.md
+    python benchmarks/sweep_speed.py --quick    # tiny checkpoint, 2x1 grid, 500 images; prints only
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+try:
+    from benchmarks._common import ROOT, WORK, header, md_table, update_section
+    from benchmarks.fmnist_model import benchmark_checkpoint
+except ImportError:  # run as a file
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks._common import ROOT, WORK, header, md_table, update_section
+    from benchmarks.fmnist_model import benchmark_checkpoint
+
+TARGET_SECONDS = 300.0
+
+
+def _timed(argv: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(argv, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny checkpoint and grid: checks the script, publishes nothing")
+    parser.add_argument("--jobs", type=int, default=1, help="sweep workers")
+    parser.add_argument("--skip-separate", action="store_true", help="time only the sweep")
+    args = parser.parse_args(argv)
+
+    ckpt = benchmark_checkpoint(args.quick)
+    wbits, abits = ([2, 8], [8]) if args.quick else ([1, 2, 4, 8, 16], [1, 2, 4, 8, 16])
+    limit = ["--limit", "500"] if args.quick else []
+    out = WORK / ("sweep_speed_quick" if args.quick else "sweep_speed")
+    shutil.rmtree(out, ignore_errors=True)
+    bits = lambda v: ",".join(map(str, v))  # noqa: E731
+    sweep_cmd = [sys.executable, "-m", "bitsweep", "sweep", str(ckpt), "--weight-bits", bits(wbits),
+                 "--activation-bits", bits(abits), "--device", "cpu", "--jobs", str(args.jobs),
+                 "--output", str(out / "sweep"), "--no-report", *limit]  # fmt: skip
+    print("sweep:", " ".join(sweep_cmd[2:]), flush=True)
+    sweep_s = _timed(sweep_cmd)
+    cells = len(wbits) * len(abits)
+    print(f"sweep of {cells} cells (+ FP32 baseline): {sweep_s:.1f} s", flush=True)
+
+    separate_s = None
+    if not args.skip_separate:
+        separate_s = 0.0
+        for w in wbits:
+            for a in abits:
+                cmd = [sys.executable, "-m", "bitsweep", "quantize", str(ckpt), "--weight-bits", str(w),
+                       "--activation-bits", str(a), "--device", "cpu", "--output", str(out / f"w{w}a{a}.pt")]  # fmt: skip
+                t = _timed(cmd)
+                separate_s += t
+                print(f"bitsweep quantize W{w}A{a}: {t:.1f} s", flush=True)
+        print(f"{cells} separate processes: {separate_s:.1f} s", flush=True)
+
+    rows = [["one `bitsweep sweep` (FP32 + all cells, val + test each)", f"{sweep_s:.1f}", f"{sweep_s / (cells + 1):.1f}"]]
+    if separate_s is not None:
+        rows.append([f"{cells} separate `bitsweep quantize` processes", f"{separate_s:.1f}", f"{separate_s / cells:.1f}"])
+    verdict = "meets" if sweep_s < TARGET_SECONDS else "MISSES"
+    text = "\n".join([
+        "### Sweep speed: 5x5 grid vs separate processes",
+        "",
+        header(" ".join(["python", "benchmarks/sweep_speed.py", *(argv if argv is not None else sys.argv[1:])])),
+        md_table(["what", "seconds", "seconds per cell"], rows),
+        "",
+        f"The sweep {verdict} the target of {TARGET_SECONDS / 60:.0f} minutes for the 5x5 grid "
+        f"(1 run; checkpoint `{Path(ckpt).relative_to(ROOT) if Path(ckpt).is_relative_to(ROOT) else ckpt}`).",
+    ])  # fmt: skip
+    if args.quick:
+        print(text)
+        print("(--quick: BENCHMARKS.md not updated)")
+    else:
+        update_section("sweep_speed", text)
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""``bitsweep export``: write the packed model file or an ONNX QDQ file, and prove it computes the same.
+
+Examples::
+
+    bitsweep export runs/fmnist/best-w4a8.pt --format packed
+    bitsweep export runs/fmnist/best-w8a8.pt --format onnx --int8 --output w8a8.onnx
+    bitsweep export runs/fmnist/best.pt --weight-bits 4 --activation-bits 8 --format packed
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from bitsweep.cli.common import add_command, require_positive
+from bitsweep.errors import BitsweepError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``export`` command."""
+    p = add_command(subparsers, "export", "write a quantized model as a bit-packed file or ONNX QDQ, verified",
+                    description=__doc__)  # fmt: skip
+    p.add_argument("checkpoint", help="a quantized checkpoint from 'bitsweep quantize' (or a float one with --weight-bits)")
+    p.add_argument("--format", choices=("packed", "onnx"), default="packed", help="output format")
+    p.add_argument("--int8", action="store_true", help="ONNX: int32 biases so onnxruntime runs integer kernels (<=8 bits)")
+    p.add_argument("--output", default=None, help="output path (default: beside the checkpoint, .safetensors/.onnx)")
+    p.add_argument("--weight-bits", type=int, default=None, help="quantize a float checkpoint to these weight bits")
+    p.add_argument("--activation-bits", type=int, default=None, help="... and these activation bits")
+    p.add_argument("--calib-batches", type=int, default=16, help="calibration batches (float checkpoints only)")
+    p.add_argument("--batch-size", type=int, default=256, help="batch size for calibration and the check")
+    p.add_argument("--check-batches", type=int, default=2, help="test batches used to verify the exported file")
+    p.set_defaults(func=run)
+
+
+def _check_data(meta: Any, batch_size: int, n: int) -> tuple[Iterator[Any], str]:
+    """Test-split batches of the checkpoint's dataset, or random images when it is not available here."""
+    from bitsweep.config import DataConfig, from_dict
+    from bitsweep.data import TensorLoader, load_dataset
+
+    arch = meta.architecture
+    data = meta.extra.get("data")
+    if data:
+        try:
+            cfg = dataclasses.replace(from_dict(DataConfig, data), download=False)
+            splits = load_dataset(cfg, seed=int(meta.extra.get("seed", 0)))
+            loader = TensorLoader(splits.test, batch_size, mean=arch.mean, std=arch.std)
+            return iter(tqdm(loader, total=min(n, len(loader)), desc="check", unit="batch", leave=False)), (
+                f"{cfg.name} test images"
+            )
+        except BitsweepError:
+            pass
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(batch_size, *arch.input_shape, generator=g) for _ in range(n)]
+    return iter(batches), "random images (dataset not available here)"
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load or quantize, export, reload/run the file, compare with the simulation, print the sizes."""
+    from bitsweep.export.checkpoint import load_quantized, quantize_float, read_checkpoint
+    from bitsweep.measure.intref import compare
+    from bitsweep.measure.packed import load_packed, save_packed
+    from bitsweep.measure.summary import compression_summary
+
+    require_positive("--batch-size", args.batch_size)
+    require_positive("--check-batches", args.check_batches)
+    fmt = read_checkpoint(args.checkpoint).get("format")
+    if fmt == "bitsweep-quantized":
+        if args.weight_bits is not None or args.activation_bits is not None:
+            raise BitsweepError("this checkpoint is already quantized; drop --weight-bits/--activation-bits")
+        model, meta = load_quantized(args.checkpoint)
+    else:
+        if args.weight_bits is None or args.activation_bits is None:
+            raise BitsweepError("a float checkpoint needs --weight-bits and --activation-bits (or run 'bitsweep quantize')")
+        require_positive("--calib-batches", args.calib_batches)
+        model, meta = quantize_float(args.checkpoint, args.weight_bits, args.activation_bits, args.calib_batches,
+                                     args.batch_size)  # fmt: skip
+    src = Path(args.checkpoint)
+    suffix = ".safetensors" if args.format == "packed" else (".int8.onnx" if args.int8 else ".onnx")
+    out = Path(args.output) if args.output else src.with_name(src.stem + suffix)
+    if out.resolve() == src.resolve():
+        raise BitsweepError(f"--output {out} would overwrite the checkpoint; choose another path")
+    batches, what = _check_data(meta, args.batch_size, args.check_batches)
+    record: dict[str, Any] = {"checkpoint": str(src), "output": str(out), "format": args.format}
+    if args.format == "packed":
+        info = save_packed(model, out, meta)
+        reloaded, _ = load_packed(out)
+        same = n = 0
+        with torch.no_grad():
+            for i, batch in enumerate(batches):
+                if i >= args.check_batches:
+                    break
+                x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                same += int(torch.equal(model(x), reloaded(x)))
+                n += 1
+        if same != n:
+            raise BitsweepError(f"reloaded packed model differs from the simulation on {n - same} of {n} batches")
+        print(f"wrote {out}: {info.file_bytes:,} bytes; reloaded logits identical on {n} batches of {what}")
+        batches, _ = _check_data(meta, args.batch_size, args.check_batches)
+        try:
+            agreement = compare(model, batches, args.check_batches)
+            print(f"integer reference: top-1 agreement {agreement.top1_agreement:.2f}% on {agreement.images} images, "
+                  f"max logit difference {agreement.max_logit_diff:.3g}")  # fmt: skip
+            record["integer_reference"] = agreement.to_dict()
+        except BitsweepError as e:
+            print(f"integer reference skipped: {e}")
+        summary = compression_summary(model, meta, out)
+    else:
+        from bitsweep.export.onnx import check_onnx, export_onnx
+
+        export_onnx(model, out, meta.architecture.input_shape, int8=args.int8)
+        check = check_onnx(out, model, batches, args.check_batches)
+        acc = ""
+        if check.simulated_top1 is not None:
+            acc = f"; top-1 simulation {check.simulated_top1:.2f}% vs onnxruntime {check.onnx_top1:.2f}%"
+        print(f"wrote {out}: {out.stat().st_size:,} bytes; onnxruntime vs simulation on {check.images} {what}: "
+              f"top-1 agreement {check.top1_agreement:.2f}%, max logit difference {check.max_logit_diff:.3g}{acc}")  # fmt: skip
+        record["onnx_check"] = check.to_dict()
+        summary = compression_summary(model, meta)
+    print(summary.describe())
+    record["compression"] = summary.to_dict()
+    from bitsweep.io import write_json_atomic
+
+    write_json_atomic(out.with_name(out.name + ".json"), json.loads(json.dumps(record, default=str)))
+    return 0

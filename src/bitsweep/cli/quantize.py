@@ -1,0 +1,114 @@
+"""``bitsweep quantize``: post-training quantization of a trained checkpoint.
+
+Example::
+
+    bitsweep quantize runs/fmnist/best.pt --weight-bits 4 --activation-bits 8 \\
+        --override 'features.0*=8,8' --output runs/fmnist/w4a8.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from bitsweep.cli.common import add_command, require_positive
+from bitsweep.config import to_dict
+from bitsweep.errors import BitsweepError
+from bitsweep.io import write_json_atomic
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``quantize`` command."""
+    p = add_command(subparsers, "quantize", "quantize a trained checkpoint's weights and activations (PTQ)")
+    p.add_argument("checkpoint", help="a bitsweep checkpoint (best.pt / last.pt) or a run directory")
+    p.add_argument("--weight-bits", "--weight_quant_bits", dest="weight_bits", type=int, default=8,
+                   help="weight bit width, 1..16")  # fmt: skip
+    p.add_argument("--activation-bits", "--activation_quant_bits", dest="activation_bits", type=int, default=8,
+                   help="activation bit width, 1..16")  # fmt: skip
+    p.add_argument("--granularity", default="per_channel", help="weight scales: per_channel or per_tensor")
+    p.add_argument("--observer", default="minmax", help="minmax, moving_average, percentile or mse")
+    p.add_argument("--calib-batches", type=int, default=16, help="calibration batches")
+    p.add_argument("--calib-split", default="train", choices=("train", "val"), help="split to calibrate on")
+    p.add_argument("--batch-size", type=int, default=256, help="batch size for calibration and evaluation")
+    p.add_argument("--override", action="append", default=[], metavar="PATTERN=W,A",
+                   help="per-layer bits by module-name pattern, e.g. 'features.0*=8,8' or 'classifier*=skip'")  # fmt: skip
+    p.add_argument("--no-fold-bn", action="store_true", help="keep BatchNorm unfolded")
+    p.add_argument("--output", default=None, help="quantized checkpoint path (default: beside the input)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    p.set_defaults(func=run)
+
+
+def build_config(args: argparse.Namespace) -> Any:
+    """The QuantConfig of the command line; bad values become one-line user errors."""
+    from bitsweep.quant import LayerOverride, QuantConfig
+
+    try:
+        overrides = tuple(LayerOverride.parse(o) for o in args.override)
+        return QuantConfig.from_bits(
+            args.weight_bits, args.activation_bits, args.granularity, args.observer,
+            fold_bn=not args.no_fold_bn, overrides=overrides,
+        )  # fmt: skip
+    except ValueError as e:
+        raise BitsweepError(str(e)) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load, calibrate, convert, evaluate FP32 and quantized, write the checkpoint and a JSON record."""
+    from bitsweep.data import TensorLoader, load_dataset
+    from bitsweep.quant import calibrate, convert, quantize_
+    from bitsweep.quant.checkpoint import quantized_state, save_quantized
+    from bitsweep.runtime import choose_device
+    from bitsweep.training import evaluate, load_model
+    from bitsweep.training.checkpoint import load_checkpoint
+
+    config = build_config(args)
+    require_positive("--calib-batches", args.calib_batches)
+    require_positive("--batch-size", args.batch_size)
+    device = choose_device(args.device)
+    model, info = load_model(args.checkpoint, device=device)
+    source = load_checkpoint(args.checkpoint)
+    splits = load_dataset(dataclasses.replace(info.data, download=False), seed=info.seed)
+
+    def loader(split: Any) -> TensorLoader:
+        return TensorLoader(split, args.batch_size, mean=info.mean, std=info.std, device=device)
+
+    calib_set = splits.train if args.calib_split == "train" else splits.val
+    if len(calib_set.labels) == 0:
+        raise BitsweepError(f"the {args.calib_split} split is empty; calibrate on the other one with --calib-split")
+    fp = {name: evaluate(model, loader(s), device=device) for name, s in (("val", splits.val), ("test", splits.test))
+          if len(s.labels) > 0}  # fmt: skip
+    qmodel = copy.deepcopy(model)
+    summary = quantize_(qmodel, config)
+    calib = tqdm(loader(calib_set), total=min(args.calib_batches, len(loader(calib_set))), desc="calibrate",
+                 unit="batch", leave=False)  # fmt: skip
+    calibrate(qmodel, calib, args.calib_batches)
+    convert(qmodel)
+    qres = {name: evaluate(qmodel, loader(s), device=device) for name, s in (("val", splits.val), ("test", splits.test))
+            if len(s.labels) > 0}  # fmt: skip
+
+    print(summary.describe())
+    print(f"{'split':<6} {'fp32 top1':>10} {'W' + str(args.weight_bits) + 'A' + str(args.activation_bits):>10}")
+    for name in fp:
+        print(f"{name:<6} {fp[name].top1:>9.2f}% {qres[name].top1:>9.2f}%")
+    src = Path(args.checkpoint)
+    stem = src.stem if src.is_file() else "last"
+    out = Path(args.output) if args.output else (src.parent if src.is_file() else src) / (
+        f"{stem}-w{args.weight_bits}a{args.activation_bits}.pt"
+    )
+    save_quantized(out, quantized_state(qmodel, config, source, summary))
+    record = {
+        "checkpoint": str(src), "output": str(out), "quant_config": to_dict(config), "summary": summary.to_dict(),
+        "fp32": {k: dataclasses.asdict(v) for k, v in fp.items()},
+        "quantized": {k: dataclasses.asdict(v) for k, v in qres.items()},
+    }  # fmt: skip
+    write_json_atomic(out.with_suffix(".json"), record)
+    print(f"wrote {out} and {out.with_suffix('.json')}")
+    from bitsweep.export.checkpoint import describe_compression  # measured sizes (bitsweep.measure)
+
+    print(describe_compression(qmodel, config, source))
+    return 0

@@ -1,0 +1,1 @@
+"""Export of quantized models: ONNX QDQ files checked in onnxruntime."""

@@ -1,0 +1,101 @@
+"""The ``bitsweep quantize`` command end to end on a tiny synthetic checkpoint, and its user errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bitsweep.cli import main
+from bitsweep.config import DataConfig, ModelConfig, RunConfig, to_dict
+from bitsweep.data import load_dataset
+from bitsweep.models import create_model
+from bitsweep.training import save_checkpoint
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread avoids waiting on a busy second core."""
+    from bitsweep.runtime import torch_threads
+
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    config = RunConfig(data=DataConfig(name="synthetic"), model=ModelConfig(width=0.25))
+    splits = load_dataset(config.data)
+    torch.manual_seed(0)
+    model = create_model("mobilenetv2", splits.num_classes, splits.in_channels, width=0.25).eval()
+    path = tmp_path_factory.mktemp("ckpt") / "best.pt"
+    save_checkpoint(path, {
+        "config": to_dict(config),
+        "dataset": {"name": splits.name, "num_classes": splits.num_classes, "in_channels": splits.in_channels,
+                    "image_size": list(splits.image_size), "mean": list(splits.mean), "std": list(splits.std)},
+        "model_state": model.state_dict(), "epoch": 1, "metrics": {},
+    })  # fmt: skip
+    return path
+
+
+def test_quantize_writes_checkpoint_and_record(checkpoint: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "q.pt"
+    rc = main(["quantize", str(checkpoint), "--weight_quant_bits", "4", "--activation-bits", "8",
+               "--calib-batches", "1", "--batch-size", "64", "--override", "features.0*=8,8", "--output", str(out),
+               "--device", "cpu"])  # fmt: skip
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "weight quantizers" in text and "activation quantizers" in text and "test" in text
+    state = torch.load(out, weights_only=True)
+    assert state["format"] == "bitsweep-quantized" and state["quant_config"]["weight"]["bits"] == 4
+    assert state["quantizers"]["features.0.0"]["bits"] == 8
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["summary"]["weight_quantizers"] and 0 <= record["quantized"]["test"]["top1"] <= 100
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--weight-bits", "0"], "1 to 16"),
+        (["--activation-bits", "17"], "1 to 16"),
+        (["--observer", "bogus"], "observer"),
+        (["--calib-batches", "0"], "calib-batches"),
+        (["--override", "nonsense"], "PATTERN"),
+        (["--override", "*=skip"], "nothing was quantized"),
+    ],
+)
+def test_bad_input_is_one_line_error(checkpoint: Path, tmp_path: Path, capsys, extra: list[str], message: str) -> None:
+    out = tmp_path / "q.pt"
+    rc = main(["quantize", str(checkpoint), "--calib-batches", "1", "--output", str(out), "--device", "cpu", *extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_fractional_bits_rejected_by_parser(checkpoint: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["quantize", str(checkpoint), "--weight-bits", "2.5"])
+    assert e.value.code == 2 and "invalid int value" in capsys.readouterr().err
+
+
+def test_quantized_checkpoint_round_trips(checkpoint: Path, tmp_path: Path) -> None:
+    from bitsweep.data import TensorLoader
+    from bitsweep.quant import QuantConfig, calibrate, convert, quantize_
+    from bitsweep.quant.checkpoint import load_quantized, quantized_state, save_quantized
+    from bitsweep.training import load_model
+    from bitsweep.training.checkpoint import load_checkpoint
+
+    model, info = load_model(checkpoint)
+    splits = load_dataset(info.data)
+    x = TensorLoader(splits.test, 32, mean=info.mean, std=info.std)
+    batch = next(iter(x))[0]
+    cfg = QuantConfig.from_bits(3, 5, "per_tensor", "percentile")
+    summary = quantize_(model, cfg)
+    calibrate(model, x, 2)
+    convert(model)
+    path = save_quantized(tmp_path / "q.pt", quantized_state(model, cfg, load_checkpoint(checkpoint), summary))
+    loaded, state = load_quantized(path)
+    assert state["quant_config"]["weight"]["granularity"] == "per_tensor"
+    torch.testing.assert_close(loaded(batch), model(batch), atol=0, rtol=0)

@@ -1,0 +1,92 @@
+"""``bitsweep export`` end to end on a quantized checkpoint of a tiny digits model."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from bitsweep.cli import main
+from bitsweep.config import DataConfig, ModelConfig, RunConfig, to_dict
+from bitsweep.export.checkpoint import describe_compression, load_quantized
+from bitsweep.measure.packed import load_packed
+from bitsweep.quant import QuantConfig, calibrate, convert, quantize_
+from bitsweep.quant.checkpoint import quantized_state
+from bitsweep.models import create_model
+
+
+@pytest.fixture(scope="module")
+def qcheckpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, nn.Module]:
+    torch.manual_seed(0)
+    model = create_model("mobilenetv2", 10, 1, width=0.25).eval()
+    config = QuantConfig.from_bits(4, 8)
+    summary = quantize_(model, config)
+    calibrate(model, [torch.randn(16, 1, 8, 8) for _ in range(2)], 2)
+    convert(model)
+    run = RunConfig(data=DataConfig(name="digits"), model=ModelConfig(width=0.25))
+    source = {"format": "bitsweep-checkpoint", "config": to_dict(run), "version": 1, "epoch": 0, "metrics": {},
+              "dataset": {"name": "digits", "num_classes": 10, "in_channels": 1, "image_size": [8, 8],
+                          "mean": [0.3], "std": [0.4]}}  # fmt: skip
+    path = tmp_path_factory.mktemp("ck") / "best-w4a8.pt"
+    torch.save(quantized_state(model, config, source, summary), path)
+    return path, model
+
+
+def test_load_quantized_reproduces_logits(qcheckpoint: tuple[Path, nn.Module]) -> None:
+    path, model = qcheckpoint
+    loaded, meta = load_quantized(path)
+    x = torch.randn(6, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    assert meta.architecture.options["width"] == 0.25 and meta.architecture.image_size == (8, 8)
+
+
+def test_export_packed(qcheckpoint: tuple[Path, nn.Module], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path, model = qcheckpoint
+    out = tmp_path / "m.safetensors"
+    assert main(["export", str(path), "--format", "packed", "--output", str(out), "--batch-size", "64",
+                 "--check-batches", "1"]) == 0  # fmt: skip
+    text = capsys.readouterr().out
+    assert "reloaded logits identical" in text and "model compression" in text
+    record = json.loads((tmp_path / "m.safetensors.json").read_text())
+    assert record["compression"]["packed_file_bytes"] == out.stat().st_size
+    assert record["integer_reference"]["top1_agreement"] >= 90.0
+    loaded, _ = load_packed(out)
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+
+
+def test_export_onnx(qcheckpoint: tuple[Path, nn.Module], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path, _ = qcheckpoint
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(path), "--format", "onnx", "--output", str(out), "--batch-size", "64",
+                 "--check-batches", "1"]) == 0  # fmt: skip
+    assert out.stat().st_size > 0 and "onnxruntime vs simulation" in capsys.readouterr().out
+
+
+def test_user_errors_are_one_line(qcheckpoint: tuple[Path, nn.Module], tmp_path: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    path, _ = qcheckpoint
+    assert main(["export", str(tmp_path / "missing.pt")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["export", str(path), "--weight-bits", "4"]) == 2
+    assert "already quantized" in capsys.readouterr().err
+    assert main(["export", str(path), "--output", str(path)]) == 2
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert main(["export", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 2 and "corrupt" in err
+
+
+def test_describe_compression_for_quantize(qcheckpoint: tuple[Path, nn.Module]) -> None:
+    path, model = qcheckpoint
+    state = torch.load(path, weights_only=True)
+    text = describe_compression(model, QuantConfig.from_bits(4, 8), state["source"])
+    assert "model compression" in text and "activation compression" in text and "MB" in text
+    assert "unavailable" in describe_compression(model, QuantConfig.from_bits(4, 8), {})

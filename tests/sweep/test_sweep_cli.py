@@ -1,0 +1,98 @@
+"""End to end: a real (tiny) checkpoint through ``bitsweep sweep`` and ``bitsweep report``."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from bitsweep.cli import main
+from bitsweep.sweep.results import read_results
+
+ARGS = ["--weight-bits", "2,8", "--activation-bits", "8", "--limit", "64", "--calib-batches", "2",
+        "--calib-batch-size", "32", "--batch-size", "64"]  # fmt: skip
+
+
+def test_sweep_cli_end_to_end_then_resume(tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "sweep"
+    rc = main(["sweep", str(tiny_checkpoint), *ARGS, "--output", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert "3 cell(s) evaluated, 0 resumed" in text
+    assert "Pareto front" in text and "recommended (max drop 1)" in text
+    res = read_results(out / "results.jsonl")
+    rows = {r["label"]: r for r in res.rows}
+    assert set(rows) == {"FP32", "W2A8 per_channel minmax", "W8A8 per_channel minmax"}
+    fp32, w2, w8 = rows["FP32"], rows["W2A8 per_channel minmax"], rows["W8A8 per_channel minmax"]
+    # measured sizes: the packed file on disk is the size, and fewer bits make a smaller file
+    for r in (w2, w8):
+        assert os.path.getsize(r["packed_file"]) == r["size_bytes"]
+        assert r["model_ratio"] == pytest.approx(fp32["size_bytes"] / r["size_bytes"])
+        assert r["act_peak_ratio"] == pytest.approx(4.0, rel=0.05)  # 8-bit activations vs FP32
+        assert r["images_val"] == 64 and r["images_test"] == 64
+    assert w2["size_bytes"] < w8["size_bytes"] < fp32["size_bytes"]
+    assert w2["weight_ratio"] > w8["weight_ratio"] > 1.0
+    for r in rows.values():
+        assert 0.0 <= r["val_top1"] <= r["val_top5"] <= 100.0
+    assert res.header["environment"]["torch"]
+    assert res.header["identity"]["eval.limit"] == 64
+    html = (out / "report.html").read_text()
+    assert "W8A8 per_channel minmax" in html or "no quantized configuration" in html
+    # the CSV beside the JSONL has one line per row plus its header
+    assert len((out / "results.csv").read_text().strip().splitlines()) == 1 + 3
+
+    # Resume: the same command redoes nothing.
+    rc = main(["sweep", str(tiny_checkpoint), *ARGS, "--output", str(out), "--no-report"])
+    assert rc == 0
+    assert "0 cell(s) evaluated, 3 resumed" in capsys.readouterr().out
+    # `bitsweep report` rebuilds the report elsewhere from the results file alone.
+    rc = main(["report", str(out / "results.jsonl"), "--output", str(tmp_path / "rep")])
+    assert rc == 0
+    assert (tmp_path / "rep" / "report.html").is_file()
+    assert "report:" in capsys.readouterr().out
+
+
+def test_sweep_refuses_results_of_another_checkpoint(
+    tiny_checkpoint: Path, other_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "sweep"
+    out.mkdir()
+    header = {"format": "bitsweep-sweep-results", "version": 1, "kind": "header",
+              "identity": {"checkpoint_sha256": "0" * 64, "dataset": "synthetic"}}  # fmt: skip
+    (out / "results.jsonl").write_text(json.dumps(header) + "\n")
+    rc = main(["sweep", str(other_checkpoint), *ARGS, "--output", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "belongs to another sweep" in err and "checkpoint_sha256" in err and "--output" in err
+    assert len(err.strip().splitlines()) == 1
+    assert (out / "results.jsonl").read_text().count("\n") == 1  # untouched
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--weight-bits", "0"], "1 to 16"),
+        (["--observer", "bogus"], "unknown observer 'bogus'"),
+        (["--granularity", "per_row"], "granularity"),
+        (["--jobs", "0"], "--jobs must be a positive"),
+        (["--max-drop", "-1"], "max-drop"),
+        (["--address", "1.2.3.4:6379"], "--executor ray"),
+    ],
+)
+def test_sweep_bad_input_is_one_line(
+    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture, extra: list[str], needle: str
+) -> None:
+    rc = main(["sweep", str(tiny_checkpoint), *ARGS, *extra, "--output", str(tmp_path / "s")])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert needle in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "s" / "results.jsonl").exists()
+
+
+def test_missing_checkpoint_and_missing_results(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["sweep", str(tmp_path / "nope.pt"), "--output", str(tmp_path / "s")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "nope.jsonl")]) == 2
+    assert "not found" in capsys.readouterr().err
