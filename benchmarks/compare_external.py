@@ -149,12 +149,16 @@ def run_nncf(checkpoint: Path, data: BenchData, setting: str, work: Path) -> Row
         msg = " ".join(str(e).split())[:260]
         return make_row("NNCF", tool_version("nncf"), setting, status=f"not supported by nncf.quantize: {msg}")
     acc = top1(qmodel, data.test)
-    n_q = sum(1 for m in qmodel.modules() if "Quantizer" in type(m).__name__)
+    # NNCF keeps quantizers as hooks: a pre-hook on input port 1 of a conv/linear quantizes its weight.
+    hooks = {k.rsplit(".", 1)[0] for k in qmodel.state_dict() if k.startswith("__nncf_hooks")
+             and k.endswith((".scale", ".input_low"))}  # fmt: skip
+    n_w = sum(1 for k in hooks if "pre_hooks" in k and k.endswith("__1.0"))
     path = work / f"nncf_{setting}.pt"
     torch.save(qmodel.state_dict(), path)
     return make_row(
         "NNCF", tool_version("nncf"), setting, granularity="per-channel W",
-        method="nncf.quantize, default preset, fast bias correction", top1=acc, act_quantizers=n_q or None,
+        method="nncf.quantize, default preset, fast bias correction", top1=acc, weight_quantizers=n_w or None,
+        act_quantizers=(len(hooks) - n_w) or None,
         file=str(path), file_bytes=file_bytes(path), file_kind="state dict (float weights + quantizer params)",
     )  # fmt: skip
 

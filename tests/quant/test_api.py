@@ -177,7 +177,8 @@ def test_fused_clamp_activations_are_bit_identical(mbv2: nn.Module, images: torc
 
     for a in (2, 8):
         model = _prepare(copy.deepcopy(mbv2), images, 4, a)
-        wrappers = [m for m in model.modules() if isinstance(m, QuantOutput) and m.output_quantizer.site == "activation"]
+        wrappers = [m for m in model.modules()
+                    if isinstance(m, QuantOutput) and m.output_quantizer.site == "activation"]  # fmt: skip
         assert wrappers and all(m.fused for m in wrappers)  # ReLU6 is clamp(x, 0, 6): always subsumed
         fused = model(images * 3)
         for m in wrappers:
@@ -193,3 +194,28 @@ def test_leaky_relu_is_not_fused(images: torch.Tensor) -> None:
     calibrate(model, [images], 1)
     convert(model)
     assert isinstance(model[1], QuantOutput) and not model[1].fused
+
+
+class Untraceable(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it, the module-order fallback must cope."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.act = nn.Hardswish()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:
+            x = -x
+        return self.fc(self.pool(self.act(self.conv(x))).flatten(1))
+
+
+def test_untraceable_model_falls_back_to_modules(images: torch.Tensor) -> None:
+    model = Untraceable().eval()
+    summary = quantize_(model, QuantConfig.from_bits(4, 4))
+    assert not summary.traced and any("traced" in n for n in summary.notes)
+    assert sorted(s for _, s, _ in summary.activation_quantizers) == ["activation", "input", "pool"]
+    calibrate(model, [images], 1)
+    assert torch.isfinite(convert(model)(images)).all()

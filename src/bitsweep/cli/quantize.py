@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--calib-split", default="train", choices=("train", "val"), help="split to calibrate on")
     p.add_argument("--batch-size", type=int, default=256, help="batch size for calibration and evaluation")
     p.add_argument("--override", action="append", default=[], metavar="PATTERN=W,A",
-                   help="per-layer bits by module-name pattern, e.g. 'features.0*=8,8' or 'classifier*=skip'")  # fmt: skip
+                   help="per-layer bits by module-name pattern: 'features.0*=8,8' or 'classifier*=skip'")  # fmt: skip
     p.add_argument("--no-fold-bn", action="store_true", help="keep BatchNorm unfolded")
     p.add_argument("--output", default=None, help="quantized checkpoint path (default: beside the input)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
@@ -74,8 +74,8 @@ def run(args: argparse.Namespace) -> int:
     source = load_checkpoint(args.checkpoint)
     splits = load_dataset(dataclasses.replace(info.data, download=False), seed=info.seed)
 
-    def loader(split: Any) -> TensorLoader:
-        return TensorLoader(split, args.batch_size, mean=info.mean, std=info.std, device=device)
+    def loader(split: Any, shuffle: bool = False) -> TensorLoader:
+        return TensorLoader(split, args.batch_size, mean=info.mean, std=info.std, device=device, shuffle=shuffle)
 
     calib_set = splits.train if args.calib_split == "train" else splits.val
     if len(calib_set.labels) == 0:
@@ -84,8 +84,9 @@ def run(args: argparse.Namespace) -> int:
           if len(s.labels) > 0}  # fmt: skip
     qmodel = copy.deepcopy(model)
     summary = quantize_(qmodel, config)
-    calib = tqdm(loader(calib_set), total=min(args.calib_batches, len(loader(calib_set))), desc="calibrate",
-                 unit="batch", leave=False)  # fmt: skip
+    calib_loader = loader(calib_set, shuffle=True)
+    calib = tqdm(calib_loader, total=min(args.calib_batches, len(calib_loader)), desc="calibrate", unit="batch",
+                 leave=False)  # fmt: skip
     calibrate(qmodel, calib, args.calib_batches)
     convert(qmodel)
     qres = {name: evaluate(qmodel, loader(s), device=device) for name, s in (("val", splits.val), ("test", splits.test))

@@ -101,14 +101,21 @@ class _LeafTracer(fx.Tracer):
     """Keeps quantized layers and quantizers opaque so their internals are not counted."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if is_weight_layer(m) or is_activation_quantizer(m):
+        if is_weight_layer(m) or is_activation_quantizer(m) or _is_wrapper(m):
             return True
         return super().is_leaf_module(m, qualname)
+
+
+def _is_wrapper(m: nn.Module) -> bool:
+    """A quantized wrapper (``QuantOutput``): an inner ``module`` plus its ``output_quantizer``."""
+    return hasattr(m, "module") and hasattr(m, "output_quantizer") and not is_weight_layer(m)
 
 
 def _is_inplace(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_module":
         m = modules[str(node.target)]
+        if _is_wrapper(m):  # a wrapped ReLU6 is in place; a wrapped add or pool makes a new tensor
+            return isinstance(m.module, _INPLACE_MODULES)
         return isinstance(m, _INPLACE_MODULES) or is_activation_quantizer(m)
     if node.op == "call_function":
         return node.target in _INPLACE_FUNCTIONS
@@ -123,7 +130,7 @@ def _quantizer_bits(node: fx.Node, modules: dict[str, nn.Module]) -> int | None:
     m = modules[str(node.target)]
     if is_activation_quantizer(m):
         return int(m.spec.bits)
-    out_q = getattr(m, "output_quantizer", None) if is_weight_layer(m) else None
+    out_q = getattr(m, "output_quantizer", None) if is_weight_layer(m) or _is_wrapper(m) else None
     return int(out_q.spec.bits) if out_q is not None else None
 
 

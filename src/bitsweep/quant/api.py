@@ -103,10 +103,8 @@ def _swap_weights(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | N
                 continue
             cls = QuantConv2d if isinstance(m, nn.Conv2d) else QuantLinear
             _set_module(model, name, cls.from_float(m, spec, config.weight_observer))  # type: ignore[arg-type]
-        elif list(m.parameters(recurse=False)) and not isinstance(m, (nn.BatchNorm2d,)) or (
-            isinstance(m, nn.modules.batchnorm._BatchNorm)
-        ):
-            left.append(name)
+        elif list(m.parameters(recurse=False)) or isinstance(m, nn.modules.batchnorm._BatchNorm):
+            left.append(name)  # unfolded BatchNorm, Conv1d, LayerNorm, PReLU, ...: computed in floating point
     return left
 
 
@@ -221,7 +219,9 @@ def quantize_(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | None 
         BitsweepError: if the model has no Conv2d or Linear layer to quantize.
     """
     if not any(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules()):
-        raise BitsweepError("the model has no Conv2d or Linear layer to quantize; pass a model built from standard layers")
+        raise BitsweepError(
+            "the model has no Conv2d or Linear layer to quantize; pass a model built from standard layers"
+        )
     folded = fold_batchnorm(model) if config.fold_bn else []
     left = _swap_weights(model, config, filter_fn) if config.weight is not None or config.overrides else []
     if config.weight is None:

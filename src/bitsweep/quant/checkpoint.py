@@ -25,6 +25,7 @@ from bitsweep.quant.modules import ActivationQuantizer, QuantConv2d, QuantLinear
 from bitsweep.quant.spec import QuantSpec
 
 FORMAT, VERSION = "bitsweep-quantized", 1
+SOURCE_KEYS = ("format", "version", "config", "dataset", "epoch", "metrics")
 
 
 def quantized_state(
@@ -44,7 +45,7 @@ def quantized_state(
         "quantizers": specs,
         "summary": summary.to_dict(),
         "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "source": {k: v for k, v in source.items() if k in ("format", "version", "config", "dataset", "epoch", "metrics")},
+        "source": {k: v for k, v in source.items() if k in SOURCE_KEYS},
     }
 
 

@@ -167,5 +167,6 @@ class QuantConfig:
             if o.activation is not None:
                 return o.activation
             if o.activation_bits is not None:
-                return dataclasses.replace(self.activation or activation_spec(o.activation_bits), bits=o.activation_bits)
+                base = self.activation or activation_spec(o.activation_bits)
+                return dataclasses.replace(base, bits=o.activation_bits)
         return self.activation

@@ -24,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-POOL_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+POOL_MODULES = (
+    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d
+)  # fmt: skip
 POOL_FUNCTIONS = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, torch.mean)
 NON_TENSOR = (getattr, len, operator.getitem)  # getitem on a tuple of sizes; tensors are re-checked below
 NON_TENSOR_METHODS = ("size", "dim", "numel", "tolist", "item")

@@ -16,7 +16,9 @@ Stable attributes that measurement and export read (and nothing else):
   ``.weight`` stays the floating-point (BN-folded) weight; ``.bias`` is float.
 * :class:`QuantOutput` - wraps any other module (activation, pooling,
   residual ``Add``) as ``.module`` with ``.output_quantizer`` and optional
-  ``.input_quantizers`` (one per positional input, or None).
+  ``.input_quantizers`` (one per positional input, or None). ``.fused`` is True
+  when the wrapped clamp-like activation is skipped at inference because the
+  quantizer's clamp makes it redundant (exact; see :meth:`QuantOutput.try_fuse`).
 
 Modes: after ``quantize_`` every quantizer is a no-op (the model computes what
 the float model did); ``calibrate`` switches activation quantizers to observe;

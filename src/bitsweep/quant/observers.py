@@ -127,7 +127,9 @@ def _mse_qparams(
 
 
 @torch.no_grad()
-def weight_qparams(weight: torch.Tensor, spec: QuantSpec, observer: str = "minmax") -> tuple[torch.Tensor, torch.Tensor]:
+def weight_qparams(
+    weight: torch.Tensor, spec: QuantSpec, observer: str = "minmax"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero_point of a weight tensor: shape (C,) per channel along ``spec.channel_axis``, else 0-d.
 
     Binary weights always use the mean-|w| scale (:func:`binary_scale`);
