@@ -53,7 +53,8 @@ def run_external(tool: str, args: argparse.Namespace, checkpoint: Path, work: Pa
     name = EXTERNAL[tool]
     python, log = ensure_tools_venv()
     if python is None:
-        return [make_row(name, "not installed", s, status=f"not installed beside torch 2.13: {log}") for s in args.settings]
+        why = f"not installed beside torch 2.13: {log}"
+        return [make_row(name, "not installed", s, status=why) for s in args.settings]
     out = work / f"{tool}_rows.json"
     out.unlink(missing_ok=True)
     cmd = [
@@ -85,14 +86,16 @@ def collect(args: argparse.Namespace) -> tuple[list[Row], dict[str, Any]]:
     for setting in args.settings:
         if "bitsweep" in args.tools:
             for obs in args.observers:
-                rows.append(guarded("bitsweep", "?", setting, lambda: run_bitsweep(checkpoint, data, setting, obs, work)))
+                run = lambda: run_bitsweep(checkpoint, data, setting, obs, work)  # noqa: E731
+                rows.append(guarded("bitsweep", "?", setting, run))
                 rows[-1]["method"] = rows[-1]["method"] or f"{obs} observer"
                 _log(rows[-1])
         if "torch_ao" in args.tools:
             rows.append(guarded("torch.ao FX", "?", setting, lambda: run_torch_ao(checkpoint, data, setting, work)))
             _log(rows[-1])
         if "reference" in args.tools:
-            rows.append(guarded("reference", "assignment", setting, lambda: run_reference(checkpoint, data, setting, work)))
+            run = lambda: run_reference(checkpoint, data, setting, work)  # noqa: E731
+            rows.append(guarded("reference", "assignment", setting, run))
             _log(rows[-1])
     for tool in EXTERNAL:
         if tool in args.tools:
@@ -122,7 +125,8 @@ def accuracy_table(rows: list[Row]) -> str:
             r["tool"], r["version"], r["setting"], r["method"] or "-", r["granularity"] or "-", _fmt(acc),
             _fmt(drop), _fmt(keep, 1), "-" if r["act_quantizers"] is None else r["act_quantizers"], r["status"],
         ])  # fmt: skip
-    heads = ["Tool", "Version", "Setting", "Method", "Weights", "Top-1 %", "Δ pts", "Retention %", "Act. quantizers", "Status"]
+    heads = ["Tool", "Version", "Setting", "Method", "Weights", "Top-1 %", "Δ pts", "Retention %", "Act. quantizers",
+             "Status"]  # fmt: skip
     return _common.md_table(heads, out)
 
 
@@ -190,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         args.test_images = 256
     start = time.perf_counter()
     rows, info = collect(args)
-    command = "python -m benchmarks.compare_tools" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    given = argv if argv is not None else sys.argv[1:]
+    command = ("python -m benchmarks.compare_tools " + " ".join(given)).rstrip()
     print(accuracy_table(rows), "\n", size_table(rows), sep="\n")
     if not args.no_write:
         print(f"[compare] wrote {write(rows, info, args, command)}")

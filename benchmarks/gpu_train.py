@@ -53,7 +53,9 @@ CONFIGS: tuple[tuple[str, bool, bool], ...] = (  # (name, compile, bf16 autocast
 )
 
 
-def run_config(name: str, compile_: bool, amp: bool, args: argparse.Namespace, splits: Any, tmp: Path) -> dict[str, Any]:
+def run_config(
+    name: str, compile_: bool, amp: bool, args: argparse.Namespace, splits: Any, tmp: Path
+) -> dict[str, Any]:
     """Train one configuration and return its per-epoch timings (or the error that stopped it)."""
     from bitsweep.config import DataConfig, ModelConfig, RunConfig, TrainConfig
     from bitsweep.training import fit

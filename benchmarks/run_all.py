@@ -21,18 +21,20 @@ from pathlib import Path
 
 try:
     from benchmarks._common import ROOT
-    from benchmarks.fmnist_model import ensure_checkpoint
+    from benchmarks.fmnist_model import CHECKPOINT, ensure_checkpoint
 except ImportError:  # pragma: no cover - run as a file
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from benchmarks._common import ROOT
-    from benchmarks.fmnist_model import ensure_checkpoint
+    from benchmarks.fmnist_model import CHECKPOINT, ensure_checkpoint
 
 # In dependency order: training speed first (it needs no checkpoint), then accuracy and size, then speed.
 BENCHMARKS: tuple[str, ...] = (
-    "train_speed", "ptq_accuracy", "packed_size", "onnx_latency", "sweep_speed", "compare_tools", "eval_speed",
-    "gpu_train",
+    "train_speed", "ptq_accuracy", "packed_size", "intref_agreement", "onnx_latency", "sweep_speed", "compare_tools",
+    "eval_speed", "gpu_train",
 )  # fmt: skip
-NEEDS_CHECKPOINT = frozenset({"ptq_accuracy", "packed_size", "onnx_latency", "sweep_speed", "compare_tools", "eval_speed"})
+NEEDS_CHECKPOINT = frozenset(
+    {"ptq_accuracy", "packed_size", "intref_agreement", "onnx_latency", "sweep_speed", "compare_tools", "eval_speed"}
+)
 
 
 def cuda_available() -> bool:
@@ -51,7 +53,15 @@ def command(name: str, quick: bool, data_dir: str | None, out: Path) -> list[str
         if quick:
             cmd += ["--epochs", "1", "--train-images", "5120", "--eval-images", "1024"]
         return cmd
-    return cmd + (["--quick"] if quick else [])
+    if quick:
+        return cmd + ["--quick"]
+    # Every accuracy benchmark gets THE checkpoint explicitly, whatever its own default path says.
+    text = (ROOT / "benchmarks" / f"{name}.py").read_text(encoding="utf-8")
+    if 'add_argument("--checkpoint"' in text:
+        cmd += ["--checkpoint", str(CHECKPOINT)]
+    elif name == "ptq_accuracy":  # takes the checkpoint as its positional argument
+        cmd += [str(CHECKPOINT)]
+    return cmd
 
 
 def main(argv: list[str] | None = None) -> int:
