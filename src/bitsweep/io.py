@@ -31,8 +31,14 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    # mkstemp creates the file with mode 0600; give the result the permissions
+    # an ordinary open() would (0666 less the umask).
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         yield tmp
+        if tmp.exists():
+            os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, target)
     finally:
         if tmp.exists():
