@@ -90,8 +90,9 @@ def run_brevitas(checkpoint: Path, data: BenchData, setting: str, work: Path) ->
     model, _ = load_model(checkpoint)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        # Defaults of preprocess_for_quantize: FX trace, merge BN, ReLU6 -> ReLU (so activations get quantizers).
-        model = preprocess_for_quantize(model, equalize_iters=0, merge_bn=True)
+        # FX trace and merge BN as the example does, but keep ReLU6: its default ReLU6 -> ReLU swap changes the
+        # float function (no clipping at 6), and the example's quant_act_map quantizes ReLU6 directly anyway.
+        model = preprocess_for_quantize(model, equalize_iters=0, merge_bn=True, relu6_to_relu=False)
         qmodel = ptq_common.quantize_model(
             model, backend="fx", weight_bit_width=w, act_bit_width=a, bias_bit_width=None,
             weight_quant_granularity="per_channel", act_quant_percentile=99.999, act_quant_type="sym",
@@ -105,7 +106,7 @@ def run_brevitas(checkpoint: Path, data: BenchData, setting: str, work: Path) ->
     n_w = sum(1 for m in qmodel.modules() if type(m).__name__ in ("QuantConv2d", "QuantLinear"))
     return make_row(
         "Brevitas", tool_version("brevitas"), setting, granularity="per-channel W",
-        method="example PTQ recipe: BN merged, ReLU6->ReLU, percentile act., bias correction",
+        method="example PTQ recipe: BN merged, ReLU6 kept, percentile act., bias correction",
         top1=acc, weight_quantizers=n_w, act_quantizers=n_act, file=str(path), file_bytes=file_bytes(path),
         file_kind=how,
     )  # fmt: skip

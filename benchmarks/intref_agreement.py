@@ -2,7 +2,7 @@
 
 Full run::
 
-    python benchmarks/intref_agreement.py --checkpoint benchmarks/work/fmnist_mobilenetv2/best.pt
+    python benchmarks/intref_agreement.py --checkpoint benchmarks/work/fmnist_mbv2/best.pt
 
 Quick check (random width-0.25 model, 64 random images, prints only)::
 
@@ -26,7 +26,7 @@ from bitsweep.quant import QuantConfig, calibrate, convert, quantize_  # noqa: E
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default=str(WORK / "fmnist_mobilenetv2" / "best.pt"))
+    parser.add_argument("--checkpoint", default=str(WORK / "fmnist_mbv2" / "best.pt"))
     parser.add_argument("--configs", default="8,8;4,8", help="W,A pairs separated by ';'")
     parser.add_argument("--max-batches", type=int, default=None, help="limit test batches (500 images each)")
     parser.add_argument("--quick", action="store_true", help="random tiny model and images; prints only")

@@ -2,7 +2,7 @@
 
 Full run::
 
-    python benchmarks/onnx_latency.py --checkpoint benchmarks/work/fmnist_mobilenetv2/best.pt
+    python benchmarks/onnx_latency.py --checkpoint benchmarks/work/fmnist_mbv2/best.pt
 
 Quick check (random width-0.25 model, few iterations, prints only)::
 
@@ -64,7 +64,7 @@ def _latency_ms(path: Path, x: np.ndarray, iters: int, threads: int | None) -> f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default=str(WORK / "fmnist_mobilenetv2" / "best.pt"))
+    parser.add_argument("--checkpoint", default=str(WORK / "fmnist_mbv2" / "best.pt"))
     parser.add_argument("--iters", type=int, default=200, help="timed runs per measurement (median reported)")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all)")
     parser.add_argument("--quick", action="store_true", help="random tiny model, 5 iterations; prints only")

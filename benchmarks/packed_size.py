@@ -2,7 +2,7 @@
 
 Full run (the lead's trained Fashion-MNIST model)::
 
-    python benchmarks/packed_size.py --checkpoint benchmarks/work/fmnist_mobilenetv2/best.pt
+    python benchmarks/packed_size.py --checkpoint benchmarks/work/fmnist_mbv2/best.pt
 
 Check the script quickly (random width-0.25 model, nothing written to BENCHMARKS.md)::
 
@@ -48,7 +48,7 @@ def _float_model(args: argparse.Namespace) -> tuple[torch.nn.Module, Architectur
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default=str(WORK / "fmnist_mobilenetv2" / "best.pt"))
+    parser.add_argument("--checkpoint", default=str(WORK / "fmnist_mbv2" / "best.pt"))
     parser.add_argument("--bits", default="1,2,3,4,8,16", help="weight bit widths")
     parser.add_argument("--activation-bits", type=int, default=8)
     parser.add_argument("--calib-batches", type=int, default=8)
