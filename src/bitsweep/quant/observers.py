@@ -32,6 +32,10 @@ PERCENTILE = 99.99
 MSE_CANDIDATES = 64
 SAMPLE_PER_BATCH = 16384
 SAMPLE_LIMIT = 1 << 18
+# The MSE search fake-quantizes its input once per candidate; an evenly strided
+# 32k subset of the sample (still drawn from every calibration batch) picks
+# the same clipping range to within a grid step and is 8x cheaper.
+MSE_SAMPLE = 1 << 15
 
 
 def check_observer(name: str) -> str:
@@ -106,7 +110,10 @@ class ActivationStats:
             lo = torch.quantile(self.sample, 1 - PERCENTILE / 100)
             hi = torch.quantile(self.sample, PERCENTILE / 100)
             return choose_qparams(lo, hi, spec)
-        return _mse_qparams(self.sample.reshape(1, -1), self.min.reshape(1), self.max.reshape(1), spec, per_row=False)
+        sample = self.sample
+        if sample.numel() > MSE_SAMPLE:
+            sample = sample[:: sample.numel() // MSE_SAMPLE]
+        return _mse_qparams(sample.reshape(1, -1), self.min.reshape(1), self.max.reshape(1), spec, per_row=False)
 
 
 def _mse_qparams(
