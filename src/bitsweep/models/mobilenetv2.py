@@ -9,10 +9,11 @@ downsampled 32 times would leave a 1x1 map after the third stage.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from bitsweep.models.common import check_size_options, init_weights
 
 # (expansion t, output channels c, repeats n, first stride s) per stage.
 # Strides of the stem and of stage 2 are 1 instead of 2 for 32x32 inputs.
@@ -98,20 +99,6 @@ class InvertedResidual(nn.Module):
         return out
 
 
-@dataclass(frozen=True)
-class MobileNetV2Options:
-    """Options of :class:`MobileNetV2` that ``create_model`` accepts by name."""
-
-    width: float = 1.0
-    dropout: float = 0.2
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.width <= 4.0:
-            raise ValueError(f"mobilenetv2 width must be in (0, 4], got {self.width}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"mobilenetv2 dropout must be in [0, 1), got {self.dropout}")
-
-
 class MobileNetV2(nn.Module):
     """MobileNet-v2 with a stride-1 stem for 32x32 (or 28x28, 8x8) images."""
 
@@ -123,7 +110,7 @@ class MobileNetV2(nn.Module):
         dropout: float = 0.2,
     ) -> None:
         super().__init__()
-        MobileNetV2Options(width=width, dropout=dropout)  # validates
+        check_size_options("mobilenetv2", width, dropout)
         stem = make_divisible(32 * width)
         self.last_channels = make_divisible(1280 * max(1.0, width))
         layers: list[nn.Module] = [ConvBNAct(in_channels, stem, stride=1)]
@@ -137,18 +124,7 @@ class MobileNetV2(nn.Module):
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.last_channels, num_classes))
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)  # (N, C, H, W) -> (N, 1280, H/8, W/8)

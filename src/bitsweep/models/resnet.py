@@ -12,29 +12,14 @@ inputs and the result.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
+from bitsweep.models.common import check_size_options, init_weights
 from bitsweep.models.mobilenetv2 import Add
 
 _STAGE_CHANNELS = (16, 32, 64)
 _BLOCKS_PER_STAGE = 3  # 6n + 2 = 20 layers with n = 3
-
-
-@dataclass(frozen=True)
-class ResNetOptions:
-    """Options of :class:`ResNet20` that ``create_model`` accepts by name."""
-
-    width: float = 1.0
-    dropout: float = 0.0
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.width <= 4.0:
-            raise ValueError(f"resnet20 width must be in (0, 4], got {self.width}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"resnet20 dropout must be in [0, 1), got {self.dropout}")
 
 
 def _conv_bn(in_channels: int, out_channels: int, kernel_size: int, stride: int) -> nn.Sequential:
@@ -76,7 +61,7 @@ class ResNet20(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        ResNetOptions(width=width, dropout=dropout)  # validates
+        check_size_options("resnet20", width, dropout)
         widths = [max(4, int(round(c * width))) for c in _STAGE_CHANNELS]
         self.stem = nn.Sequential(*_conv_bn(in_channels, widths[0], 3, 1), nn.ReLU(inplace=False))
         blocks: list[nn.Module] = []
@@ -92,12 +77,7 @@ class ResNet20(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
         for m in self.modules():
             # Zero-init the last BN of each residual branch: blocks start as identities,
             # which makes the first epochs of short runs noticeably more stable.

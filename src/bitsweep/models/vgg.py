@@ -12,29 +12,15 @@ for no accuracy gain on 10 classes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
+
+from bitsweep.models.common import check_size_options, init_weights
 
 # Output channels per convolution; "M" is a 2x2 max-pool (configuration D).
 _LAYOUT: tuple[int | str, ...] = (
     64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M",
 )  # fmt: skip
-
-
-@dataclass(frozen=True)
-class VGGOptions:
-    """Options of :class:`VGG16` that ``create_model`` accepts by name."""
-
-    width: float = 1.0
-    dropout: float = 0.5
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.width <= 4.0:
-            raise ValueError(f"vgg16 width must be in (0, 4], got {self.width}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"vgg16 dropout must be in [0, 1), got {self.dropout}")
 
 
 def _channels(base: int, width: float) -> int:
@@ -64,7 +50,7 @@ class VGG16(nn.Module):
         dropout: float = 0.5,
     ) -> None:
         super().__init__()
-        VGGOptions(width=width, dropout=dropout)  # validates
+        check_size_options("vgg16", width, dropout)
         layers: list[nn.Module] = []
         channels = in_channels
         for item in _LAYOUT:
@@ -85,18 +71,7 @@ class VGG16(nn.Module):
             nn.Dropout(dropout),
             nn.Linear(hidden, num_classes),
         )
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)  # (N, C, H, W) -> (N, 512w, ceil(H/32), ceil(W/32))
