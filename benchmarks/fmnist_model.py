@@ -109,14 +109,7 @@ def quick_checkpoint(steps: int = 40, width: float = 0.25, batch_size: int = 64)
             if step >= steps:
                 break
     print(f"[fmnist_model] quick checkpoint: {steps} steps in {time.perf_counter() - start:.0f} s", flush=True)
-    dataset = {
-        "name": splits.name,
-        "num_classes": splits.num_classes,
-        "in_channels": splits.in_channels,
-        "image_size": list(splits.image_size),
-        "mean": list(splits.mean),
-        "std": list(splits.std),
-    }
+    dataset = splits.meta()
     state = {"config": to_dict(config), "dataset": dataset, "model_state": model.state_dict(), "epoch": 1}
     save_checkpoint(QUICK_CHECKPOINT, {**state, "metrics": {"steps": steps}})
     return QUICK_CHECKPOINT

@@ -33,8 +33,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "best.pt"
     save_checkpoint(path, {
         "config": to_dict(config),
-        "dataset": {"name": splits.name, "num_classes": splits.num_classes, "in_channels": splits.in_channels,
-                    "image_size": list(splits.image_size), "mean": list(splits.mean), "std": list(splits.std)},
+        "dataset": splits.meta(),
         "model_state": model.state_dict(), "epoch": 1, "metrics": {},
     })  # fmt: skip
     return path

@@ -50,14 +50,7 @@ def make_checkpoint(path: Path, steps: int = 0, seed: int = 0) -> Path:
         path,
         {
             "config": to_dict(config),
-            "dataset": {
-                "name": splits.name,
-                "num_classes": splits.num_classes,
-                "in_channels": splits.in_channels,
-                "image_size": list(splits.image_size),
-                "mean": list(splits.mean),
-                "std": list(splits.std),
-            },
+            "dataset": splits.meta(),
             "model_state": model.state_dict(),
             "epoch": 1,
             "metrics": {"steps": steps},

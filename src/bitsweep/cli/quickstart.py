@@ -1,8 +1,9 @@
-"""``bitsweep quickstart``: the whole job on built-in data in a couple of minutes, nothing to download.
+"""``bitsweep quickstart``: the whole job on built-in data in a few minutes, nothing to download.
 
 Trains a small MobileNet-v2 on scikit-learn's 8x8 digits (1,797 images),
-evaluates it, and prints where everything went. Later steps (a quantization
-sweep and a report) build on :func:`run_quickstart`'s returned paths.
+evaluates it, sweeps weight x activation bit widths on it (quantize,
+calibrate, measure the packed file, evaluate), and writes a report; it prints
+where the run directory and report.html are.
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = add_command(
         subparsers,
         "quickstart",
-        help="train and evaluate a small model on built-in digits (no download, a few minutes on a CPU)",
+        help="train a small MobileNet-v2 on built-in digits, sweep its bit widths, write a report "
+        "(no download, a few minutes on a CPU)",
     )
     p.add_argument("--output-dir", default="runs", help="parent of the run directory")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
@@ -107,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"validation top-1 {result.val.top1:.2f} %, test top-1 {result.test.top1:.2f} %")
     print(f"run directory: {result.run_dir}")
     print(f"checkpoint:    {result.checkpoint}")
-    if getattr(args, "no_sweep", False):
+    if args.no_sweep:
         print(f"next: bitsweep sweep {result.checkpoint}")
         return 0
     from bitsweep.sweep.api import format_front, quickstart_sweep

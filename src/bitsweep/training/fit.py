@@ -201,8 +201,7 @@ def _fit(
     if tc.compile:
         train_model = torch.compile(train_model)  # type: ignore[assignment]
 
-    dataset_meta = {"name": data.name, "num_classes": data.num_classes, "in_channels": data.in_channels,
-                    "image_size": list(data.image_size), "mean": list(data.mean), "std": list(data.std)}  # fmt: skip
+    dataset_meta = data.meta()
     base = {"config": to_dict(config), "dataset": dataset_meta}
     try:
         for epoch in range(start_epoch, tc.epochs + 1):
