@@ -141,7 +141,7 @@ def load_bench_data(
     checkpoint: Path,
     calib_images: int = 512,
     test_images: int | None = None,
-    batch_size: int = 256,
+    batch_size: int = 64,
     data_dir: str | None = None,
 ) -> BenchData:
     """Calibration images (a seeded subset of the training split) and the test split.

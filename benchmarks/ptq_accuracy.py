@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("checkpoint", nargs="?", default="benchmarks/work/fmnist_mbv2/best.pt")
     p.add_argument("--quick", action="store_true", help="tiny untrained model on synthetic data, 4 cells")
     p.add_argument("--calib-batches", type=int, default=16)
-    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--batch-size", type=int, default=500, help="calibration batch size")
+    p.add_argument("--eval-batch-size", type=int, default=32, help="small batches run faster on a CPU (cache)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's; --quick: 1)")
     args = p.parse_args(argv)
     threads = args.threads or (1 if args.quick else None)
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         mean, std = info.mean, info.std
         wbits, abits = (1, 2, 4, 8, 16), (2, 4, 8, 16)
         variants = [(g, o) for g in ("per_channel", "per_tensor") for o in ("minmax", "mse")]
-    test = TensorLoader(splits.test, args.batch_size, mean=mean, std=std)
+    test = TensorLoader(splits.test, args.eval_batch_size, mean=mean, std=std)
     calib = TensorLoader(splits.train, args.batch_size, mean=mean, std=std)
     fp32 = evaluate(model, test).top1
     rows = []

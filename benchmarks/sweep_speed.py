@@ -45,7 +45,7 @@ def _timed(argv: list[str]) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny checkpoint and grid: checks the script, publishes nothing")
-    parser.add_argument("--jobs", type=int, default=1, help="sweep workers")
+    parser.add_argument("--jobs", type=int, default=2, help="sweep workers (one per core)")
     parser.add_argument("--skip-separate", action="store_true", help="time only the sweep")
     args = parser.parse_args(argv)
 

@@ -163,7 +163,8 @@ def build_report(
 
     identity = header.get("identity", {})
     env = header.get("environment", {})
-    title = f"bitsweep report: {identity.get('dataset', '?')} / {Path(str(identity.get('checkpoint', '?'))).name}"
+    model = f"{identity.get('model', 'model')} x{identity.get('width', '?')}"
+    title = f"bitsweep report: {model} on {identity.get('dataset', '?')} ({header.get('checkpoint', '?')})"
     rec_lines = _recommended_lines(rec, baseline)
     headers, body = _table(rows, COLUMNS)
     fheaders, fbody = _table(front, COLUMNS)

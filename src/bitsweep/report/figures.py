@@ -12,6 +12,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import matplotlib.ticker as mticker
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -147,6 +148,10 @@ def pareto_figure(
         )
     if pts:
         ax.set_xscale("log")
+        # Plain decimal MB labels: matplotlib's default 3x10^-1 minor labels overlap.
+        ax.xaxis.set_major_formatter(mticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(mticker.FormatStrFormatter("%g"))
+        ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.set_xlabel("measured model size (MB, packed file, log scale)")
     ax.set_ylabel("validation top-1 (%)")
     ax.grid(True, which="both", alpha=0.3)

@@ -50,13 +50,15 @@ class EvalSettings:
     Attributes:
         calib_batches: calibration batches of training images (collected once per sweep).
         calib_batch_size: images per calibration batch.
-        eval_batch_size: images per evaluation forward pass (large batches amortize per-call overhead).
+        eval_batch_size: images per evaluation forward pass. Small batches keep a small network's
+            activations in the CPU caches: for MobileNet-v2 on 28x28 images, 32 ran twice as fast
+            as 1,000 on a 2-core Xeon (fake-quant adds several elementwise passes per activation).
         limit: evaluate only the first ``limit`` validation and test images (quick checks); None = all.
     """
 
     calib_batches: int = 8
     calib_batch_size: int = 256
-    eval_batch_size: int = 1000
+    eval_batch_size: int = 32
     limit: int | None = None
 
     def __post_init__(self) -> None:
