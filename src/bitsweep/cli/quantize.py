@@ -34,7 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--observer", default="minmax", help="minmax, moving_average, percentile or mse")
     p.add_argument("--calib-batches", type=int, default=16, help="calibration batches")
     p.add_argument("--calib-split", default="train", choices=("train", "val"), help="split to calibrate on")
-    p.add_argument("--batch-size", type=int, default=256, help="batch size for calibration and evaluation")
+    p.add_argument("--batch-size", type=int, default=256, help="calibration batch size")
+    p.add_argument("--eval-batch-size", type=int, default=32,
+                   help="evaluation batch size (small batches keep activations in the CPU caches)")  # fmt: skip
     p.add_argument("--override", action="append", default=[], metavar="PATTERN=W,A",
                    help="per-layer bits by module-name pattern: 'features.0*=8,8' or 'classifier*=skip'")  # fmt: skip
     p.add_argument("--no-fold-bn", action="store_true", help="keep BatchNorm unfolded")
@@ -69,13 +71,14 @@ def run(args: argparse.Namespace) -> int:
     config = build_config(args)
     require_positive("--calib-batches", args.calib_batches)
     require_positive("--batch-size", args.batch_size)
+    require_positive("--eval-batch-size", args.eval_batch_size)
     device = choose_device(args.device)
     model, info = load_model(args.checkpoint, device=device)
     source = load_checkpoint(args.checkpoint)
     splits = load_dataset(dataclasses.replace(info.data, download=False), seed=info.seed)
 
-    def loader(split: Any, shuffle: bool = False) -> TensorLoader:
-        return TensorLoader(split, args.batch_size, mean=info.mean, std=info.std, device=device, shuffle=shuffle)
+    def loader(split: Any, shuffle: bool = False, batch_size: int = args.eval_batch_size) -> TensorLoader:
+        return TensorLoader(split, batch_size, mean=info.mean, std=info.std, device=device, shuffle=shuffle)
 
     calib_set = splits.train if args.calib_split == "train" else splits.val
     if len(calib_set.labels) == 0:
@@ -84,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
           if len(s.labels) > 0}  # fmt: skip
     qmodel = copy.deepcopy(model)
     summary = quantize_(qmodel, config)
-    calib_loader = loader(calib_set, shuffle=True)
+    calib_loader = loader(calib_set, shuffle=True, batch_size=args.batch_size)
     calib = tqdm(calib_loader, total=min(args.calib_batches, len(calib_loader)), desc="calibrate", unit="batch",
                  leave=False)  # fmt: skip
     calibrate(qmodel, calib, args.calib_batches)
