@@ -35,7 +35,7 @@ from torch import fx, nn
 from bitsweep.errors import BitsweepError
 from bitsweep.io import atomic_path
 from bitsweep.measure._modules import is_activation_quantizer, is_weight_layer
-from bitsweep.measure.intref import _Tracer
+from bitsweep.measure.intref import trace_quantized
 
 OPSET = 21  # int16 QuantizeLinear/DequantizeLinear need opset 21
 
@@ -200,10 +200,7 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, int,
     """
     b = _Builder(int8)
     onnx = b.onnx
-    try:
-        graph = _Tracer().trace(model)
-    except Exception as e:  # fx raises many types
-        raise BitsweepError(f"cannot trace {type(model).__name__} for ONNX export: {e}") from None
+    graph = trace_quantized(model, "ONNX export")
     mods = dict(model.named_modules())
     env: dict[fx.Node, str] = {}
     grid: dict[str, float] = {}  # tensor name -> activation scale, for int8 biases

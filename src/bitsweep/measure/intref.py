@@ -72,6 +72,18 @@ class _Tracer(fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
 
+def trace_quantized(model: nn.Module, purpose: str) -> fx.Graph:
+    """The fx graph of a converted model with quantized layers and quantizers kept opaque.
+
+    Shared by the integer reference and the ONNX exporter, which walk the same
+    graph; ``purpose`` names the caller in the one-line error for untraceable models.
+    """
+    try:
+        return _Tracer().trace(model)
+    except Exception as e:  # fx raises many types
+        raise BitsweepError(f"cannot trace {type(model).__name__} for {purpose}: {e}") from None
+
+
 def _quantize_float(x: torch.Tensor, quantizer: nn.Module) -> _Q:
     from bitsweep.quant.primitives import quantize
 
@@ -235,10 +247,7 @@ def run_integer(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     Raises:
         BitsweepError: for an op the reference does not support (see the module docstring).
     """
-    try:
-        graph = _Tracer().trace(model)
-    except Exception as e:  # fx raises many types
-        raise BitsweepError(f"the integer reference cannot trace {type(model).__name__}: {e}") from None
+    graph = trace_quantized(model, "the integer reference")
     mods = dict(model.named_modules())
     env: dict[fx.Node, Any] = {}
     for node in graph.nodes:
