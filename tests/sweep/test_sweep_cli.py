@@ -32,6 +32,7 @@ def test_sweep_cli_end_to_end_then_resume(tiny_checkpoint: Path, tmp_path: Path,
         assert r["model_ratio"] == pytest.approx(fp32["size_bytes"] / r["size_bytes"])
         assert r["act_peak_ratio"] == pytest.approx(4.0, rel=0.05)  # 8-bit activations vs FP32
         assert r["images_val"] == 64 and r["images_test"] == 64
+        assert r["simulation"] == "integer-exact"  # accuracies an integer deployment reproduces bit for bit
     assert w2["size_bytes"] < w8["size_bytes"] < fp32["size_bytes"]
     assert w2["weight_ratio"] > w8["weight_ratio"] > 1.0
     for r in rows.values():

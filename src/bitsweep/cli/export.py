@@ -65,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     """Load or quantize, export, reload/run the file, compare with the simulation, print the sizes."""
     from bitsweep.export.checkpoint import load_quantized, quantize_float, read_checkpoint
     from bitsweep.measure.intref import compare
+    from bitsweep.measure.simulate import evaluation_model
     from bitsweep.measure.packed import load_packed, save_packed
     from bitsweep.measure.summary import compression_summary
 
@@ -92,21 +93,27 @@ def run(args: argparse.Namespace) -> int:
         info = save_packed(model, out, meta)
         reloaded, _ = load_packed(out)
         same = n = 0
+        sims: tuple[Any, Any] | None = None
         with torch.no_grad():
             for i, batch in enumerate(batches):
                 if i >= args.check_batches:
                     break
                 x = batch[0] if isinstance(batch, (tuple, list)) else batch
-                same += int(torch.equal(model(x), reloaded(x)))
+                if sims is None:  # the integer-exact simulations of both, when the model lowers
+                    pair = [evaluation_model(m, x) for m in (model, reloaded)]
+                    sims = (pair[0][0], pair[1][0]) if pair[0][1].startswith("integer") else (model, reloaded)
+                same += int(torch.equal(model(x), reloaded(x)) and torch.equal(sims[0](x), sims[1](x)))
                 n += 1
         if same != n:
             raise BitsweepError(f"reloaded packed model differs from the simulation on {n - same} of {n} batches")
-        print(f"wrote {out}: {info.file_bytes:,} bytes; reloaded logits identical on {n} batches of {what}")
+        print(f"wrote {out}: {info.file_bytes:,} bytes; reloaded logits identical (fake-quant and integer simulation) "
+              f"on {n} batches of {what}")  # fmt: skip
         batches, _ = _check_data(meta, args.batch_size, args.check_batches)
         try:
             agreement = compare(model, batches, args.check_batches)
-            print(f"integer reference: top-1 agreement {agreement.top1_agreement:.2f}% on {agreement.images} images, "
-                  f"max logit difference {agreement.max_logit_diff:.3g}")  # fmt: skip
+            print(f"integer reference vs integer simulation: top-1 agreement {agreement.top1_agreement:.2f}% on "
+                  f"{agreement.images} images, max logit difference {agreement.max_logit_diff:.3g} "
+                  f"(fake-quant: {agreement.fakequant_agreement:.2f}%, {agreement.fakequant_max_logit_diff:.3g})")  # fmt: skip
             record["integer_reference"] = agreement.to_dict()
         except BitsweepError as e:
             print(f"integer reference skipped: {e}")
@@ -119,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
         acc = ""
         if check.simulated_top1 is not None:
             acc = f"; top-1 simulation {check.simulated_top1:.2f}% vs onnxruntime {check.onnx_top1:.2f}%"
-        print(f"wrote {out}: {out.stat().st_size:,} bytes; onnxruntime vs simulation on {check.images} {what}: "
+        print(f"wrote {out}: {out.stat().st_size:,} bytes; onnxruntime vs fake-quant simulation on {check.images} {what}: "
               f"top-1 agreement {check.top1_agreement:.2f}%, max logit difference {check.max_logit_diff:.3g}{acc}")  # fmt: skip
         record["onnx_check"] = check.to_dict()
         summary = compression_summary(model, meta)

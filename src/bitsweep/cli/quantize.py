@@ -37,6 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=256, help="calibration batch size")
     p.add_argument("--eval-batch-size", type=int, default=32,
                    help="evaluation batch size (small batches keep activations in the CPU caches)")  # fmt: skip
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="compile the integer-exact simulation (auto: when evaluating >= 5,000 images; same results)")  # fmt: skip
     p.add_argument("--override", action="append", default=[], metavar="PATTERN=W,A",
                    help="per-layer bits by module-name pattern: 'features.0*=8,8' or 'classifier*=skip'")  # fmt: skip
     p.add_argument("--no-fold-bn", action="store_true", help="keep BatchNorm unfolded")
@@ -92,10 +94,21 @@ def run(args: argparse.Namespace) -> int:
                  leave=False)  # fmt: skip
     calibrate(qmodel, calib, args.calib_batches)
     convert(qmodel)
-    qres = {name: evaluate(qmodel, loader(s), device=device) for name, s in (("val", splits.val), ("test", splits.test))
+    # Quantized accuracy from the integer-exact simulation (what an integer deployment computes).
+    import torch
+
+    from bitsweep.measure.simulate import CompiledRunner, evaluation_model
+
+    images = len(splits.val.labels) + len(splits.test.labels)
+    use_compile = args.compile == "on" or (args.compile == "auto" and images >= 5000)
+    runner = CompiledRunner(args.eval_batch_size) if use_compile else None
+    example = torch.zeros(1, info.in_channels, *info.image_size, device=device)
+    evaluated, simulation = evaluation_model(qmodel, example, runner)
+    qres = {name: evaluate(evaluated, loader(s), device=device) for name, s in (("val", splits.val), ("test", splits.test))
             if len(s.labels) > 0}  # fmt: skip
 
     print(summary.describe())
+    print(f"quantized accuracy from: {simulation} simulation")
     print(f"{'split':<6} {'fp32 top1':>10} {'W' + str(args.weight_bits) + 'A' + str(args.activation_bits):>10}")
     for name in fp:
         print(f"{name:<6} {fp[name].top1:>9.2f}% {qres[name].top1:>9.2f}%")
@@ -109,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
         "checkpoint": str(src), "output": str(out), "quant_config": to_dict(config), "summary": summary.to_dict(),
         "fp32": {k: dataclasses.asdict(v) for k, v in fp.items()},
         "quantized": {k: dataclasses.asdict(v) for k, v in qres.items()},
+        "simulation": simulation,
     }  # fmt: skip
     write_json_atomic(out.with_suffix(".json"), record)
     print(f"wrote {out} and {out.with_suffix('.json')}")

@@ -36,6 +36,7 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("act_peak_ratio", "act. ratio (peak)", "{:.2f}x"),
     ("final_mb", "final MB", "{:.4f}"),
     ("seconds", "seconds", "{:.1f}"),
+    ("simulation", "accuracy from", "{}"),
     ("cell_id", "cell id", "{}"),
 )
 

@@ -95,7 +95,7 @@ def sweep_checkpoint(
         "dataset": info.data.name,
         "model": info.model.name,
         "width": info.model.width,
-        **{f"eval.{k}": v for k, v in dataclasses.asdict(settings).items()},
+        **{f"eval.{k}": v for k, v in dataclasses.asdict(settings).items() if k != "compile"},  # same results either way
     }
     dev = torch.device(device)
     header = make_header(

@@ -12,8 +12,10 @@ the bit width:
   from them (``bitsweep.quant.convert(model, stats)``);
 * the FP32 reference file size.
 
-Each cell then costs: one module swap, one weight quantization, one packed
-file write, and two evaluation passes under ``torch.inference_mode``.
+Each cell then costs: one module swap, one weight quantization, one lowering
+to the integer program, one packed file write, and two evaluation passes of
+the integer-exact simulation (``bitsweep.measure.simulate``; compiled once
+per worker and reused by every cell when there are many images).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 from torch import nn
 
 from bitsweep.errors import BitsweepError
+from bitsweep.measure.simulate import CompiledRunner, evaluation_model
 from bitsweep.sweep.grid import Cell
 
 
@@ -54,12 +57,18 @@ class EvalSettings:
             activations in the CPU caches: for MobileNet-v2 on 28x28 images, 32 ran twice as fast
             as 1,000 on a 2-core Xeon (fake-quant adds several elementwise passes per activation).
         limit: evaluate only the first ``limit`` validation and test images (quick checks); None = all.
+        compile: ``"on"``, ``"off"`` or ``"auto"``: run the integer-exact simulation through
+            ``torch.compile``, once per worker for all cells (about 20 s on 2 CPU cores, then each
+            cell ~1.4x faster than fake-quant in eager mode); ``auto`` compiles when a cell evaluates
+            at least 5,000 images. Results are identical either way, so it is not part of the
+            results' identity.
     """
 
     calib_batches: int = 8
     calib_batch_size: int = 256
     eval_batch_size: int = 32
     limit: int | None = None
+    compile: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("calib_batches", "calib_batch_size", "eval_batch_size"):
@@ -67,6 +76,8 @@ class EvalSettings:
                 raise ValueError(f"{name.replace('_', '-')} must be a positive whole number, got {getattr(self, name)}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be a positive number of images, got {self.limit}")
+        if self.compile not in ("auto", "on", "off"):
+            raise ValueError(f"compile must be auto, on or off, got {self.compile!r}")
 
 
 def quant_config_for(cell: Cell) -> Any:
@@ -173,6 +184,9 @@ class _Evaluator:
         self.model = model
         self.fp32_bytes = fp32_file_bytes(observed)
         self.input_shape = (info.in_channels, *info.image_size)
+        images = self.val[1].shape[0] + self.test[1].shape[0]
+        use_compile = s.compile == "on" or (s.compile == "auto" and images >= 5000)
+        self.runner = CompiledRunner(s.eval_batch_size) if use_compile else None
 
     def _architecture(self) -> Any:
         from bitsweep.measure.packed import Architecture
@@ -230,7 +244,9 @@ class _Evaluator:
             raise BitsweepError(f"cell {cell.label}: {e}") from None
         convert(model, self.stats)
         model = model.to(memory_format=torch.channels_last)
-        metrics = self._evaluate(model)
+        # Accuracy from the integer-exact simulation: what an integer deployment of this cell computes.
+        evaluated, simulation = evaluation_model(model, self.val[0][:1], self.runner)
+        metrics = self._evaluate(evaluated)
         meta = PackedMeta(self._architecture(), config, extra={"cell": cell.to_dict(), **metrics})
         with tempfile.TemporaryDirectory() as tmp:
             target = Path(self.spec.packed_dir or tmp) / f"{cell.cell_id}.safetensors"
@@ -252,6 +268,7 @@ class _Evaluator:
             "packed_header_bytes": packed.header_bytes,
             "images_val": int(self.val[1].shape[0]),
             "images_test": int(self.test[1].shape[0]),
+            "simulation": simulation,
         }
         if self.spec.packed_dir is not None:
             row["packed_file"] = str(target)

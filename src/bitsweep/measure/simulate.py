@@ -1,0 +1,268 @@
+"""The integer-exact simulation: a lowered program run with fast float kernels.
+
+Fake-quant (quantize, dequantize, compute in float) is how quantization is
+usually simulated, but its float32 convolutions round where integer
+hardware does not, so a few images in a thousand change class once
+deployed. bitsweep's accuracies come from this executor instead. It runs the
+program of :mod:`bitsweep.measure.lowering` with *integers held in float32
+tensors* between layers, so convolutions use the fast float kernels (oneDNN
+on CPU): sums of integers are exact in float32 while they stay below 2**24,
+which the lowering checks per layer from the worst-case accumulator.
+Requantization ``(acc * m0 + 2**(shift-1)) >> shift`` runs in int64, as in
+the integer reference. Every intermediate integer therefore equals the
+reference's (:mod:`bitsweep.measure.intref`), and so do the logits.
+
+Layers whose worst-case sum can reach 2**24 (16-bit weights or activations)
+are listed in ``Program.inexact``: their float32 sums may round by a unit in
+the last place, like fake-quant's. Linear layers run in float64 (exact
+below 2**53; they are small).
+
+Speed: the requantization is several elementwise int64 passes in eager
+mode, so :class:`CompiledRunner` compiles the program once with
+``torch.compile`` (every per-configuration number is a tensor input, so
+all bit widths of one model share one compiled graph) and fuses each
+requantization into one pass.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bitsweep.measure import lowering as lw
+
+Plan = tuple[tuple[Any, ...], ...]  # static, hashable: op kinds, value names, conv geometry, tensor indices
+
+
+def _shaped(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """A per-channel vector (C,) viewed to broadcast along dim 1 of a ``dim``-d tensor; (1,) stays (1,)."""
+    return t.reshape(1, -1, *([1] * (dim - 2))) if t.numel() > 1 and dim >= 2 else t.reshape(-1)
+
+
+def _requant_consts(m0: torch.Tensor, shift: torch.Tensor, binary: bool, constant: int | None) -> list[torch.Tensor]:
+    """``(m0, rounding offset, shift)`` of ``(acc * m0 + r) >> shift``, with binary grids in the same form.
+
+    A binary output is ``+1 if acc >= 0 else -1``: ``(4 acc + 2) >> 1 = 2 acc + 1``, clamped to [-1, 1],
+    is exactly that; a constant +-1 is ``(0 + -+2) >> 1``.
+    """
+    if binary:
+        m = torch.zeros_like(m0) if constant is not None else torch.full_like(m0, 4)
+        r = torch.full_like(m0, 2 if constant in (None, 1) else -2)
+        return [m, r, torch.ones_like(shift)]
+    return [m0.clone(), torch.ones_like(shift) << (shift - 1), shift.clone()]
+
+
+def build(program: lw.Program, device: torch.device) -> tuple[Plan, list[torch.Tensor]]:
+    """Split ``program`` into a static plan and the list of tensors it reads (the per-configuration numbers)."""
+    plan: list[tuple[Any, ...]] = []
+    tensors: list[torch.Tensor] = []
+
+    def add(*ts: torch.Tensor) -> int:
+        tensors.extend(t.to(device) for t in ts)
+        return len(tensors) - len(ts)
+
+    i64 = functools.partial(torch.tensor, dtype=torch.int64)
+    f32 = functools.partial(torch.tensor, dtype=torch.float32)
+    for s in program.steps:
+        if isinstance(s, lw.QuantizeInput):
+            inv = 1.0 / s.scale.float()  # float32 1/scale: the fake-quant formula
+            plan.append(("input", s.src, s.dst, add(inv, f32(s.lo), f32(s.hi), torch.tensor(s.binary))))
+        elif isinstance(s, lw.Accumulate):
+            if s.op == "conv":
+                b = s.bias.float() if s.bias is not None else torch.zeros(s.weight.shape[0])
+                k = add(s.weight.float(), b)
+                plan.append(("conv", s.src, s.dst, tuple(s.stride), tuple(s.padding), tuple(s.dilation), s.groups, k))
+            else:
+                b = s.bias.double() if s.bias is not None else torch.zeros(s.weight.shape[0], dtype=torch.float64)
+                plan.append(("linear", s.src, s.dst, add(s.weight.double(), b)))
+        elif isinstance(s, lw.Requantize):
+            consts = _requant_consts(s.m0, s.shift, s.binary, s.constant)
+            k = add(*(_shaped(c, s.dim) for c in consts), i64(s.lo), i64(s.hi))
+            plan.append(("requant", s.src, s.dst, k))
+        elif isinstance(s, lw.AddGrids):
+            one = i64([1])
+            consts = _requant_consts(one, i64([s.prec]), s.binary, None)
+            plan.append(("add", s.a, s.b, s.dst, add(i64(s.ma), i64(s.mb), *consts, i64(s.lo), i64(s.hi))))
+        elif isinstance(s, lw.PoolSum):
+            plan.append(("pool", s.src, s.dst, s.kernel, s.stride))
+        elif isinstance(s, lw.ClampInts):
+            plan.append(("clamp", s.src, s.dst, add(f32(s.lo), f32(s.hi))))
+        elif isinstance(s, lw.Apply):
+            plan.append(("apply", s.src, s.dst, s.op))
+        elif isinstance(s, lw.Output):
+            dim = 2  # logits (N, classes); a (1,) scale broadcasts anyway
+            k = add(_shaped(s.scale.double(), dim), torch.tensor(s.lo, dtype=torch.float64),
+                    torch.tensor(s.hi, dtype=torch.float64))  # fmt: skip
+            plan.append(("output", s.src, k))
+    return tuple(plan), tensors
+
+
+def _requant(acc: torch.Tensor, m0: torch.Tensor, r: torch.Tensor, shift: torch.Tensor,
+             lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """``clamp((acc * m0 + r) >> shift, lo, hi)`` in int64 (acc holds integers), returned as float32."""
+    q = (acc.to(torch.int64) * m0 + r) >> shift
+    return torch.minimum(torch.maximum(q, lo), hi).to(torch.float32)
+
+
+def run(plan: Plan, tensors: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Execute ``plan`` on float images ``x`` (N, C, H, W); returns float32 logits. Pure: no state."""
+    env: dict[str, torch.Tensor] = {}
+    t = tensors
+    out = x
+    for step in plan:
+        kind = step[0]
+        if kind == "input":
+            _, src, dst, k = step
+            v = env.get(src, x).float()
+            q = torch.minimum(torch.maximum(torch.round(v * t[k]), t[k + 1]), t[k + 2])
+            env[dst] = torch.where(t[k + 3], torch.where(v >= 0, 1.0, -1.0), q)
+        elif kind == "conv":
+            _, src, dst, stride, padding, dilation, groups, k = step
+            env[dst] = F.conv2d(env[src], t[k], t[k + 1], stride, padding, dilation, groups)
+        elif kind == "linear":
+            _, src, dst, k = step
+            env[dst] = F.linear(env[src].double(), t[k], t[k + 1])
+        elif kind == "requant":
+            _, src, dst, k = step
+            env[dst] = _requant(env[src], *t[k : k + 5])
+        elif kind == "add":
+            _, a, b, dst, k = step
+            total = env[a].to(torch.int64) * t[k] + env[b].to(torch.int64) * t[k + 1]
+            env[dst] = _requant(total, *t[k + 2 : k + 7])
+        elif kind == "pool":
+            _, src, dst, kernel, stride = step
+            v = env[src].double()
+            if kernel is None:
+                env[dst] = v.sum(dim=(-2, -1), keepdim=True)
+            else:
+                env[dst] = F.avg_pool2d(v, kernel, stride, divisor_override=1)
+        elif kind == "clamp":
+            _, src, dst, k = step
+            env[dst] = torch.minimum(torch.maximum(env[src], t[k]), t[k + 1])
+        elif kind == "apply":
+            _, src, dst, op = step
+            env[dst] = lw.apply_op(op, env[src])
+        elif kind == "output":
+            _, src, k = step
+            v = env[src].double()
+            logits = v.reshape(v.shape[0], -1) if v.dim() > 2 and v.shape[2:].numel() == 1 else v
+            scale = t[k] if logits.dim() == 2 else t[k].reshape(-1)
+            out = torch.minimum(torch.maximum(logits * scale, t[k + 1]), t[k + 2]).float()
+            if v.dim() > 2 and v.shape[2:].numel() == 1:
+                out = out.reshape(v.shape)
+    return out
+
+
+class Simulator(nn.Module):
+    """The integer-exact simulation of one converted model: ``forward(x)`` takes normalized images, returns logits.
+
+    Build it with :func:`simulate`. Inference only. ``plan`` and ``tensors`` are
+    what :class:`CompiledRunner` reuses across configurations.
+    """
+
+    def __init__(self, program: lw.Program, device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        self.program = program
+        self.plan, self.tensors = build(program, torch.device(device))
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with _exact_float(x):
+            return run(self.plan, self.tensors, x)
+
+
+def _exact_float(x: torch.Tensor) -> Any:
+    """No bf16 autocast and no TF32: float32 sums must stay exact (cuDNN allows TF32 convolutions by default)."""
+    import contextlib
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast(x.device.type, enabled=False))
+    if x.is_cuda:
+        stack.enter_context(torch.backends.cudnn.flags(enabled=True, allow_tf32=False))
+    return stack
+
+
+def simulate(model: nn.Module, example: torch.Tensor) -> Simulator:
+    """The integer-exact simulation of a converted ``model`` for inputs shaped like ``example``.
+
+    Raises:
+        BitsweepError: when the model has an op the integer arithmetic does not cover (see ``lowering``).
+    """
+    return Simulator(lw.lower(model, example), example.device).eval()
+
+
+class CompiledRunner:
+    """Runs simulators through ``torch.compile``, compiling once per plan and batch size.
+
+    Every number that changes with the bit widths is a tensor input, so one
+    compiled graph serves all cells of a sweep over one model. Batches are
+    padded to ``batch_size`` (one input shape, no recompilation). If
+    compilation fails (no C++ compiler, an unsupported platform), it warns
+    once and runs eagerly: same results, slower.
+    """
+
+    def __init__(self, batch_size: int) -> None:
+        self.batch_size = batch_size
+        self._compiled: dict[Plan, Callable[..., torch.Tensor]] = {}
+        self.eager = False
+
+    def _fn(self, plan: Plan) -> Callable[..., torch.Tensor]:
+        fn = self._compiled.get(plan)
+        if fn is None:
+            fn = torch.compile(functools.partial(run, plan), dynamic=False)
+            self._compiled[plan] = fn
+        return fn
+
+    @torch.inference_mode()
+    def __call__(self, sim: Simulator, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        if self.eager or n > self.batch_size:
+            return sim(x)
+        if n < self.batch_size:  # pad to the compiled shape; padded rows are dropped
+            pad = x.new_zeros((self.batch_size - n, *x.shape[1:]))
+            x = torch.cat([x, pad]).contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.contiguous_format)
+        try:
+            with _exact_float(x):
+                out = self._fn(sim.plan)(sim.tensors, x)
+        except Exception as e:  # noqa: BLE001 - any compiler failure: fall back to the same program, eagerly
+            warnings.warn(f"torch.compile failed ({type(e).__name__}: {e}); simulating eagerly", stacklevel=2)
+            self.eager = True
+            out = sim(x)
+        return out[:n]
+
+
+class SimulatedModel(nn.Module):
+    """A :class:`Simulator` behind an ``nn.Module`` face, run through a :class:`CompiledRunner` when given one."""
+
+    def __init__(self, sim: Simulator, runner: CompiledRunner | None = None) -> None:
+        super().__init__()
+        self.sim = sim
+        self.runner = runner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.runner(self.sim, x) if self.runner is not None else self.sim(x)
+
+
+def evaluation_model(
+    model: nn.Module, example: torch.Tensor, runner: CompiledRunner | None = None
+) -> tuple[nn.Module, str]:
+    """What to measure a converted ``model``'s accuracy with, and what it is.
+
+    Returns ``(module, kind)``: the integer-exact simulation (``kind`` =
+    ``"integer-exact"``, or ``"integer"`` when some float32 sums may round, see
+    ``Program.inexact``) or, for models the lowering does not cover, the
+    fake-quant model itself (``"fake-quant: <reason>"``).
+    """
+    from bitsweep.errors import BitsweepError
+
+    try:
+        sim = simulate(model, example)
+    except BitsweepError as e:
+        return model, f"fake-quant: {e}"
+    return SimulatedModel(sim, runner), "integer-exact" if sim.program.float32_exact else "integer"

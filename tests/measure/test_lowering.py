@@ -1,0 +1,73 @@
+"""Lowering a converted model: fixed-point constants, one step per op, a plan that is the same for every bit width."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from bitsweep.errors import BitsweepError
+from bitsweep.measure import lowering as lw
+from bitsweep.measure._modules import weight_layers
+from bitsweep.measure.simulate import build
+from bitsweep.quant import QuantConfig, calibrate, convert, quantize_
+
+QuantFactory = Callable[..., tuple[nn.Module, QuantConfig]]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.floats(1e-9, 1e3), st.integers(1, 2**40))
+def test_fixed_point_is_accurate_and_exact_in_float64(multiplier: float, bound: int) -> None:
+    m0, shift = lw.fixed_point(torch.tensor([multiplier], dtype=torch.float64), bound)
+    precision = min(31, 53 - bound.bit_length())
+    approx = int(m0) * 2.0 ** -int(shift)
+    if int(m0) == 0:  # below what any |acc| <= bound can show: every product rounds to 0
+        assert multiplier * bound < 2.0**-9
+    else:
+        assert abs(approx - multiplier) <= multiplier * 2.0 ** -(precision - 1)
+    assert bound * int(m0) < 2**53  # the float64 and int64 forms of acc * m0 are exact
+
+
+def test_steps_mirror_the_model(quantized: QuantFactory) -> None:
+    model, _ = quantized(8, 8)
+    program = lw.lower(model, torch.zeros(1, 1, 8, 8))
+    kinds = [type(s).__name__ for s in program.steps]
+    adds = sum(1 for m in model.modules() if type(getattr(m, "module", None)).__name__ == "Add")
+    assert kinds.count("Accumulate") == len(weight_layers(model))
+    assert kinds.count("AddGrids") == adds > 0
+    assert kinds.count("QuantizeInput") == 1 and kinds[-1] == "Output"
+    assert kinds.count("Requantize") >= len(weight_layers(model)) - 1  # every conv output goes back onto a grid
+
+
+def test_plan_is_the_same_for_every_bit_width(quantized: QuantFactory) -> None:
+    """What lets one compiled graph serve a whole sweep: only tensors change with the bit widths."""
+    plans = {build(lw.lower(quantized(w, a)[0], torch.zeros(1, 1, 8, 8)), torch.device("cpu"))[0]
+             for w, a in [(8, 8), (4, 4), (2, 8), (1, 1)]}  # fmt: skip
+    assert len(plans) == 1
+
+
+def test_functional_add_is_refused_with_one_error() -> None:
+    class Res(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 1, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x) + x
+
+    model = Res().eval()
+    quantize_(model, QuantConfig.from_bits(8, 8))
+    calibrate(model, [torch.randn(4, 1, 8, 8)], 1)
+    convert(model)
+    with pytest.raises(BitsweepError):
+        lw.lower(model, torch.zeros(1, 1, 8, 8))
+
+
+def test_wrong_input_shape_is_one_clear_error(quantized: QuantFactory) -> None:
+    model, _ = quantized(8, 8)
+    with pytest.raises(BitsweepError, match="inputs of shape"):
+        lw.lower(model, torch.zeros(1, 3, 8, 8))
