@@ -2,8 +2,11 @@
 
 The sweep loads the model and data once, calibrates once (statistics reused
 for every bit width), normalizes the evaluation images once, and evaluates
-each cell with large batches under ``inference_mode``; separate processes
-redo all of that per cell. Both run the same cells on the same checkpoint.
+each cell with the integer-exact simulation compiled once per worker;
+separate processes redo all of that per cell. Every run starts from an
+empty ``torch.compile`` cache (a fresh ``TORCHINDUCTOR_CACHE_DIR``), as on a
+new machine; the 25 separate processes share one such cache, as a user's
+consecutive commands would. Both run the same cells on the same checkpoint.
 Note: each sweep cell evaluates validation AND test images and writes a packed
 file; ``bitsweep quantize`` evaluates what its own command does (see its docs),
 so the separate runs are, if anything, the lighter per-cell workload.
@@ -19,7 +22,9 @@ MobileNet-v2 (width 0.5; 5,000 validation + 10,000 test images) in under
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import tempfile
 import subprocess
 import sys
 import time
@@ -36,9 +41,10 @@ except ImportError:  # run as a file
 TARGET_SECONDS = 300.0
 
 
-def _timed(argv: list[str]) -> float:
+def _timed(argv: list[str], cache: str) -> float:
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
     start = time.perf_counter()
-    subprocess.run(argv, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(argv, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, env=env)
     return time.perf_counter() - start
 
 
@@ -47,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny checkpoint and grid: checks the script, publishes nothing")
     parser.add_argument("--jobs", type=int, default=2, help="sweep workers (one per core)")
     parser.add_argument("--skip-separate", action="store_true", help="time only the sweep")
+    parser.add_argument("--repeats", type=int, default=2, help="sweep runs (each from scratch; all are reported)")
     args = parser.parse_args(argv)
 
     ckpt = benchmark_checkpoint(args.quick)
@@ -59,34 +66,40 @@ def main(argv: list[str] | None = None) -> int:
                  "--activation-bits", bits(abits), "--device", "cpu", "--jobs", str(args.jobs),
                  "--output", str(out / "sweep"), "--no-report", *limit]  # fmt: skip
     print("sweep:", " ".join(sweep_cmd[2:]), flush=True)
-    sweep_s = _timed(sweep_cmd)
     cells = len(wbits) * len(abits)
-    print(f"sweep of {cells} cells (+ FP32 baseline): {sweep_s:.1f} s", flush=True)
+    sweeps = []
+    for i in range(args.repeats):
+        shutil.rmtree(out / "sweep", ignore_errors=True)  # from scratch: nothing to resume
+        with tempfile.TemporaryDirectory() as cache:
+            sweeps.append(_timed(sweep_cmd, cache))
+        print(f"sweep {i + 1}/{args.repeats} of {cells} cells (+ FP32 baseline): {sweeps[-1]:.1f} s", flush=True)
 
     separate_s = None
     if not args.skip_separate:
         separate_s = 0.0
-        for w in wbits:
-            for a in abits:
-                cmd = [sys.executable, "-m", "bitsweep", "quantize", str(ckpt), "--weight-bits", str(w),
-                       "--activation-bits", str(a), "--device", "cpu", "--output", str(out / f"w{w}a{a}.pt")]  # fmt: skip
-                t = _timed(cmd)
-                separate_s += t
-                print(f"bitsweep quantize W{w}A{a}: {t:.1f} s", flush=True)
+        with tempfile.TemporaryDirectory() as cache:
+            for w in wbits:
+                for a in abits:
+                    cmd = [sys.executable, "-m", "bitsweep", "quantize", str(ckpt), "--weight-bits", str(w),
+                           "--activation-bits", str(a), "--device", "cpu", "--output", str(out / f"w{w}a{a}.pt")]  # fmt: skip
+                    t = _timed(cmd, cache)
+                    separate_s += t
+                    print(f"bitsweep quantize W{w}A{a}: {t:.1f} s", flush=True)
         print(f"{cells} separate processes: {separate_s:.1f} s", flush=True)
 
-    rows = [["one `bitsweep sweep` (FP32 + all cells, val + test each)", f"{sweep_s:.1f}", f"{sweep_s / (cells + 1):.1f}"]]
+    rows = [[f"`bitsweep sweep` run {i + 1} (FP32 + all cells, val + test each)", f"{t:.1f}", f"{t / (cells + 1):.1f}"]
+            for i, t in enumerate(sweeps)]  # fmt: skip
     if separate_s is not None:
         rows.append([f"{cells} separate `bitsweep quantize` processes", f"{separate_s:.1f}", f"{separate_s / cells:.1f}"])
-    verdict = "meets" if sweep_s < TARGET_SECONDS else "MISSES"
+    verdict = "meets" if max(sweeps) < TARGET_SECONDS else "MISSES"
     text = "\n".join([
         "### Sweep speed: 5x5 grid vs separate processes",
         "",
         header(" ".join(["python", "benchmarks/sweep_speed.py", *(argv if argv is not None else sys.argv[1:])])),
         md_table(["what", "seconds", "seconds per cell"], rows),
         "",
-        f"The sweep {verdict} the target of {TARGET_SECONDS / 60:.0f} minutes for the 5x5 grid "
-        f"(1 run; checkpoint `{Path(ckpt).relative_to(ROOT) if Path(ckpt).is_relative_to(ROOT) else ckpt}`).",
+        f"The sweep {verdict} the target of {TARGET_SECONDS / 60:.0f} minutes for the 5x5 grid in every run "
+        f"({len(sweeps)} runs, each with an empty compile cache; checkpoint `{Path(ckpt).relative_to(ROOT) if Path(ckpt).is_relative_to(ROOT) else ckpt}`).",
     ])  # fmt: skip
     if args.quick:
         print(text)

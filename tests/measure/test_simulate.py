@@ -4,20 +4,26 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import pytest
 import torch
 from torch import nn
 
 from bitsweep.measure.intref import run_integer
-from bitsweep.measure.simulate import CompiledRunner, evaluation_model, simulate
+from bitsweep.measure.lowering import lower
+from bitsweep.measure.simulate import CompiledRunner, Simulator, evaluation_model, int8_convolutions_exact, simulate
 from bitsweep.quant import QuantConfig, calibrate, convert, quantize_
 
 QuantFactory = Callable[..., tuple[nn.Module, QuantConfig]]
 
 
-def test_simulation_is_integer_valued_and_equals_the_reference(quantized: QuantFactory) -> None:
+@pytest.mark.parametrize("int8", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not int8_convolutions_exact(), reason="this CPU has no VNNI/AMX: int8 kernels are not used here"))])  # fmt: skip
+def test_simulation_equals_the_reference_on_either_kernel(quantized: QuantFactory, int8: bool) -> None:
     model, _ = quantized(4, 8)
     x = torch.randn(10, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    sim = simulate(model, x)
+    sim = Simulator(lower(model, x), int8=int8)
+    kinds = {step[0] for step in sim.plan}
+    assert ("qconv" in kinds) == int8 and ("conv" in kinds) != int8
     assert torch.equal(sim(x), run_integer(model, x))
     assert torch.equal(sim(x.contiguous(memory_format=torch.channels_last)), sim(x))
 

@@ -35,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--calib-batches", type=int, default=16, help="calibration batches")
     p.add_argument("--calib-split", default="train", choices=("train", "val"), help="split to calibrate on")
     p.add_argument("--batch-size", type=int, default=256, help="calibration batch size")
-    p.add_argument("--eval-batch-size", type=int, default=32,
+    p.add_argument("--eval-batch-size", type=int, default=40,
                    help="evaluation batch size (small batches keep activations in the CPU caches)")  # fmt: skip
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="compile the integer-exact simulation (auto: when evaluating >= 5,000 images; same results)")  # fmt: skip

@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--observer", type=str_list, default=["minmax"], help="range observers: minmax,moving_average,percentile,mse")
     p.add_argument("--calib-batches", type=int, default=8, help="calibration batches of training images (collected once)")
     p.add_argument("--calib-batch-size", type=int, default=256, help="images per calibration batch")
-    p.add_argument("--batch-size", type=int, default=32, help="evaluation batch size (small keeps activations in cache)")
+    p.add_argument("--batch-size", type=int, default=40, help="evaluation batch size (small keeps activations in cache)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N validation and test images (quick checks)")
     p.add_argument("--jobs", type=int, default=1, help="parallel workers (each loads the model and data once)")
     p.add_argument("--executor", choices=EXECUTORS, default="local", help="where cells run; local with --jobs > 1 uses processes")

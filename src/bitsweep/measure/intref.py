@@ -46,7 +46,7 @@ def round_shift(value: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 
 
 def _accumulate(s: lw.Accumulate, x: torch.Tensor) -> torch.Tensor:
-    dtype = torch.float32 if s.bound < lw.FLOAT32_EXACT else torch.float64
+    dtype = torch.float32 if s.sum_bound < lw.FLOAT32_EXACT else torch.float64
     xi, w = x.to(dtype), s.weight.to(dtype)
     if s.op == "conv":
         acc = F.conv2d(xi, w, None, s.stride, s.padding, s.dilation, s.groups)

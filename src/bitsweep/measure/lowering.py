@@ -18,7 +18,7 @@ Values between steps are *centered integers* ``q - zero_point`` on a grid
 (:class:`Acc`: one scale per channel). The arithmetic, exactly:
 
 * input: ``clamp(round(x * float32(1/scale)), qmin - z, qmax - z)`` (the fake-quant formula);
-* conv / linear: ``acc = sum(x * (w - z_w)) + round(b / (s_x s_w))``;
+* conv / linear: ``acc = sum(x * (w - z_w)) + round(b / (s_x s_w))`` (the integer bias added to the exact sum);
 * requantize to a grid ``(s_o, z_o)``: ``M = s_in / s_o`` per channel is stored as
   ``m0 * 2**-shift`` with ``m0`` of ``precision`` bits, where ``precision`` is the
   largest that keeps ``|acc| * m0 < 2**53`` for the layer's worst-case
@@ -101,7 +101,10 @@ class Accumulate:
     op: str  # "conv" | "linear"
     weight: torch.Tensor  # int64, weight shape, zero point removed
     bias: torch.Tensor | None  # int64 (C_out,)
-    bound: int  # worst-case |acc|, bias included
+    bound: int  # worst-case |acc|, bias included (sets the fixed-point precision downstream)
+    sum_bound: int  # worst-case |sum(x * w)| without the bias: float32 sums are exact below 2**24
+    x_lo: int = 0  # range of the input integers (for choosing integer kernels)
+    x_hi: int = 0
     stride: Any = 1
     padding: Any = 0
     dilation: Any = 1
@@ -328,16 +331,16 @@ class _Lowering:
         if m.bias is not None:
             bias = torch.round(m.bias.detach().double().cpu() / scale).to(torch.int64)
         fan_in = w[0].numel()
-        bound = max(x.amax, 1) * max(int(w.abs().max()), 1) * fan_in + (int(bias.abs().max()) if bias is not None else 0)
+        sums = max(x.amax, 1) * max(int(w.abs().max()), 1) * fan_in
+        bound = sums + (int(bias.abs().max()) if bias is not None else 0)
         if bound >= FLOAT64_EXACT:
             raise BitsweepError(f"layer '{target}': its accumulator (fan-in {fan_in}) may exceed 2**53; reduce bit widths")
-        if bound >= FLOAT32_EXACT and isinstance(m, nn.Conv2d):
+        if sums >= FLOAT32_EXACT and isinstance(m, nn.Conv2d):
             self.inexact.append(target)
         dst = self._new(target)
-        if isinstance(m, nn.Conv2d):
-            step = Accumulate(name, dst, "conv", w, bias, bound, m.stride, m.padding, m.dilation, m.groups)
-        else:
-            step = Accumulate(name, dst, "linear", w, bias, bound)
+        geometry = (m.stride, m.padding, m.dilation, m.groups) if isinstance(m, nn.Conv2d) else ()
+        op = "conv" if isinstance(m, nn.Conv2d) else "linear"
+        step = Accumulate(name, dst, op, w, bias, bound, sums, x.lo, x.hi, *geometry)
         self.steps.append(step)
         self.kinds[dst] = Acc(scale, bound, 4 if isinstance(m, nn.Conv2d) else 2)
         return self.to_grid(dst, m.output_quantizer) if m.output_quantizer is not None else dst

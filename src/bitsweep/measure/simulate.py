@@ -58,8 +58,38 @@ def _requant_consts(m0: torch.Tensor, shift: torch.Tensor, binary: bool, constan
     return [m0.clone(), torch.ones_like(shift) << (shift - 1), shift.clone()]
 
 
-def build(program: lw.Program, device: torch.device) -> tuple[Plan, list[torch.Tensor]]:
-    """Split ``program`` into a static plan and the list of tensors it reads (the per-configuration numbers)."""
+def int8_convolutions_exact() -> bool:
+    """True when oneDNN's int8 convolutions sum exactly on this CPU (VNNI or AMX instructions).
+
+    Without them, x86 int8 kernels multiply-add pairs into saturating int16 and can be off,
+    so the float32 path is used instead.
+    """
+    try:
+        cap = torch._C._cpu._get_cpu_capability()
+    except Exception:  # noqa: BLE001 - not x86, or a torch without the query
+        return False
+    return any(bool(cap.get(k)) for k in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def _int8_zero_point(s: lw.Accumulate) -> int | None:
+    """The uint8 offset that holds the layer's input integers, or None when int8 kernels cannot run it."""
+    if s.op != "conv" or s.sum_bound >= lw.FLOAT32_EXACT:
+        return None
+    if int(s.weight.min()) < -128 or int(s.weight.max()) > 127:
+        return None
+    zp = max(0, -s.x_lo)
+    return zp if s.x_hi + zp <= 255 else None
+
+
+def build(program: lw.Program, device: torch.device, int8: bool | None = None) -> tuple[Plan, list[torch.Tensor]]:
+    """Split ``program`` into a static plan and the list of tensors it reads (the per-configuration numbers).
+
+    ``int8``: run convolutions whose operands fit in 8 bits on oneDNN's int8 kernels (int32 sums,
+    exact; about 2x faster than float32 on CPUs with VNNI/AMX). Default: on CPU when
+    :func:`int8_convolutions_exact`.
+    """
+    if int8 is None:
+        int8 = device.type == "cpu" and int8_convolutions_exact()
     plan: list[tuple[Any, ...]] = []
     tensors: list[torch.Tensor] = []
 
@@ -74,10 +104,22 @@ def build(program: lw.Program, device: torch.device) -> tuple[Plan, list[torch.T
             inv = 1.0 / s.scale.float()  # float32 1/scale: the fake-quant formula
             plan.append(("input", s.src, s.dst, add(inv, f32(s.lo), f32(s.hi), torch.tensor(s.binary))))
         elif isinstance(s, lw.Accumulate):
+            # Convolutions return the exact sum without the bias (float32); the integer bias is added in int64.
+            zp = _int8_zero_point(s) if int8 else None
+            c = s.weight.shape[0]
             if s.op == "conv":
-                b = s.bias.float() if s.bias is not None else torch.zeros(s.weight.shape[0])
-                k = add(s.weight.float(), b)
-                plan.append(("conv", s.src, s.dst, tuple(s.stride), tuple(s.padding), tuple(s.dilation), s.groups, k))
+                geometry = (tuple(s.stride), tuple(s.padding), tuple(s.dilation), s.groups)
+            if s.op == "conv" and zp is not None:
+                lists = (list(s.stride), list(s.padding), list(s.dilation), s.groups)
+                packed = torch.ops.onednn.qconv_prepack(s.weight.to(torch.int8), torch.ones(c), 1.0, zp, *lists, None)
+                k = add(packed, torch.ones(c), torch.zeros(c, dtype=torch.int64), torch.tensor(float(zp)),
+                        torch.tensor(zp, dtype=torch.int64))  # fmt: skip
+                plan.append(("qconv", s.src, s.dst, *geometry, k))
+            elif s.op == "conv":
+                plan.append(("conv", s.src, s.dst, *geometry, add(s.weight.float())))
+            if s.op == "conv":
+                b = s.bias if s.bias is not None else torch.zeros(c, dtype=torch.int64)
+                plan.append(("bias", s.dst, add(_shaped(b, 4))))
             else:
                 b = s.bias.double() if s.bias is not None else torch.zeros(s.weight.shape[0], dtype=torch.float64)
                 plan.append(("linear", s.src, s.dst, add(s.weight.double(), b)))
@@ -124,7 +166,17 @@ def run(plan: Plan, tensors: list[torch.Tensor], x: torch.Tensor) -> torch.Tenso
             env[dst] = torch.where(t[k + 3], torch.where(v >= 0, 1.0, -1.0), q)
         elif kind == "conv":
             _, src, dst, stride, padding, dilation, groups, k = step
-            env[dst] = F.conv2d(env[src], t[k], t[k + 1], stride, padding, dilation, groups)
+            env[dst] = F.conv2d(env[src], t[k], None, stride, padding, dilation, groups)
+        elif kind == "qconv":  # int8 x int8 -> int32 sums (oneDNN, VNNI/AMX), returned as float32: exact below 2**24
+            _, src, dst, stride, padding, dilation, groups, k = step
+            xq = (env[src] + t[k + 3]).to(torch.uint8)  # centered integers + zero point (0 or 128)
+            env[dst] = torch.ops.onednn.qconv2d_pointwise.tensor(
+                xq, torch.ones((), device=xq.device), t[k + 4], t[k], t[k + 1], t[k + 2], None, list(stride),
+                list(padding), list(dilation), groups, 1.0, 0, torch.float32, "none", [], "",
+            )  # fmt: skip
+        elif kind == "bias":
+            _, dst, k = step
+            env[dst] = env[dst].to(torch.int64) + t[k]
         elif kind == "linear":
             _, src, dst, k = step
             env[dst] = F.linear(env[src].double(), t[k], t[k + 1])
@@ -166,10 +218,10 @@ class Simulator(nn.Module):
     what :class:`CompiledRunner` reuses across configurations.
     """
 
-    def __init__(self, program: lw.Program, device: torch.device | str = "cpu") -> None:
+    def __init__(self, program: lw.Program, device: torch.device | str = "cpu", int8: bool | None = None) -> None:
         super().__init__()
         self.program = program
-        self.plan, self.tensors = build(program, torch.device(device))
+        self.plan, self.tensors = build(program, torch.device(device), int8)
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -197,6 +249,28 @@ def simulate(model: nn.Module, example: torch.Tensor) -> Simulator:
     return Simulator(lw.lower(model, example), example.device).eval()
 
 
+def _qconv_fake(qx, x_scale, x_zp, qw, w_scale, w_zp, bias, stride, padding, dilation, groups,  # type: ignore[no-untyped-def]
+                output_scale, output_zero_point, output_dtype, attr, scalars, algorithm):  # fmt: skip
+    """Output shape and dtype of ``onednn::qconv2d_pointwise.tensor``: those of the scalar overload."""
+    return torch.ops.onednn.qconv2d_pointwise.default(
+        qx, 1.0, 0, qw, w_scale, w_zp, bias, stride, padding, dilation, groups, output_scale, output_zero_point,
+        output_dtype, attr, scalars, algorithm,
+    )  # fmt: skip
+
+
+def _teach_compiler_int8() -> None:
+    """Give torch.compile the shape rule of the int8 convolution with tensor zero points.
+
+    torch ships one only for the overload with Python-number zero points, which would
+    bake each cell's zero points into the graph and recompile per cell. Registering
+    is idempotent here: a second registration (or an older torch without the op) is ignored.
+    """
+    try:
+        torch.library.register_fake("onednn::qconv2d_pointwise.tensor", _qconv_fake)
+    except (RuntimeError, AttributeError, ValueError):
+        pass
+
+
 class CompiledRunner:
     """Runs simulators through ``torch.compile``, compiling once per plan and batch size.
 
@@ -208,6 +282,7 @@ class CompiledRunner:
     """
 
     def __init__(self, batch_size: int) -> None:
+        _teach_compiler_int8()
         self.batch_size = batch_size
         self._compiled: dict[Plan, Callable[..., torch.Tensor]] = {}
         self.eager = False
