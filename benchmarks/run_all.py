@@ -30,7 +30,7 @@ except ImportError:  # pragma: no cover - run as a file
 # In dependency order: training speed first (it needs no checkpoint), then accuracy and size, then speed.
 BENCHMARKS: tuple[str, ...] = (
     "fmnist_train", "train_speed", "ptq_accuracy", "packed_size", "intref_agreement", "onnx_latency", "sweep_speed", "compare_tools",
-    "eval_speed", "gpu_train",
+    "eval_speed", "gpu_train", "gpu_exact",
 )  # fmt: skip
 NEEDS_CHECKPOINT = frozenset(
     {"fmnist_train", "ptq_accuracy", "packed_size", "intref_agreement", "onnx_latency", "sweep_speed", "compare_tools", "eval_speed"}
@@ -47,6 +47,8 @@ def cuda_available() -> bool:
 def command(name: str, quick: bool, data_dir: str | None, out: Path) -> list[str]:
     """The subprocess command line of one benchmark."""
     cmd = [sys.executable, "-m", f"benchmarks.{name}"]
+    if name == "gpu_exact":  # writes JSON, then --write turns it into the section (see its docstring)
+        return cmd + ["--out", str(out)]
     if name == "gpu_train":
         # gpu_train writes JSON, then --write turns it into the section (see its docstring).
         cmd += ["--data-dir", data_dir or "/usr/share/datasets/fashion-mnist", "--out", str(out)]
@@ -89,16 +91,16 @@ def main(argv: list[str] | None = None) -> int:
         if name == "fmnist_train" and args.quick:
             summary.append((name, "skipped: reads the real checkpoint's run directory (no --quick form)", 0.0))
             continue
-        if name == "gpu_train" and not cuda_available():
+        if name in ("gpu_train", "gpu_exact") and not cuda_available():
             summary.append((name, "skipped: no CUDA GPU here (run it on the GPU machine, see docs/benchmarks.md)", 0.0))
             continue
-        out = ROOT / "benchmarks" / "work" / "gpu_train"
+        out = ROOT / "benchmarks" / "work" / name
         cmd = command(name, args.quick, args.data_dir, out)
         print(f"[run_all] {' '.join(cmd[1:])}", flush=True)
         start = time.perf_counter()
         rc = subprocess.run(cmd, cwd=ROOT, check=False).returncode
-        if rc == 0 and name == "gpu_train" and not args.quick:
-            rc = subprocess.run([*cmd[:3], "--write", str(out / "gpu_train.json")], cwd=ROOT, check=False).returncode
+        if rc == 0 and name in ("gpu_train", "gpu_exact") and not args.quick:
+            rc = subprocess.run([*cmd[:3], "--write", str(out / f"{name}.json")], cwd=ROOT, check=False).returncode
         summary.append((name, "ok" if rc == 0 else f"FAILED (exit status {rc})", time.perf_counter() - start))
     print("\n[run_all] summary")
     for name, status, secs in summary:

@@ -176,8 +176,8 @@ def _run_process(factory: EvaluatorFactory, todo: Sequence[Cell], config: Execut
     ]
     for w in workers:
         w.start()
+    remaining = len(todo)
     try:
-        remaining = len(todo)
         while remaining:
             try:
                 status, cell_id, payload = results.get(timeout=1.0)
@@ -191,7 +191,10 @@ def _run_process(factory: EvaluatorFactory, todo: Sequence[Cell], config: Execut
             remaining -= 1
             yield by_id[cell_id], metrics, seconds, worker
     finally:
-        for w in workers:
+        if remaining == 0:  # all done: let workers exit on their own, so they release what they hold
+            for w in workers:
+                w.join(timeout=30)
+        for w in workers:  # interrupted, failed, or stuck: stop them now
             if w.is_alive():
                 w.terminate()
         for w in workers:
