@@ -97,11 +97,10 @@ def run(args: argparse.Namespace) -> int:
     # Quantized accuracy from the integer-exact simulation (what an integer deployment computes).
     import torch
 
-    from bitsweep.measure.simulate import CompiledRunner, evaluation_model
+    from bitsweep.measure.simulate import evaluation_model, runner_for
 
     images = len(splits.val.labels) + len(splits.test.labels)
-    use_compile = args.compile == "on" or (args.compile == "auto" and images >= 5000)
-    runner = CompiledRunner(args.eval_batch_size) if use_compile else None
+    runner = runner_for(args.compile, images, args.eval_batch_size)
     example = torch.zeros(1, info.in_channels, *info.image_size, device=device)
     evaluated, simulation = evaluation_model(qmodel, example, runner)
     qres = {name: evaluate(evaluated, loader(s), device=device) for name, s in (("val", splits.val), ("test", splits.test))

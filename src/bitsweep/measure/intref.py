@@ -27,13 +27,6 @@ from bitsweep.errors import BitsweepError
 from bitsweep.measure import lowering as lw
 
 
-def _channel(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """View a per-channel vector (C,) so it broadcasts along dim 1 of ``like``; (1,) stays a scalar."""
-    if t.numel() == 1:
-        return t.reshape(())
-    return t.reshape(1, -1, *([1] * (like.dim() - 2))) if like.dim() >= 2 else t
-
-
 def round_shift(value: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """``floor(value / 2**shift + 1/2)`` (round half up) for int64 ``value`` and ``shift >= 1``, in integer ops.
 
@@ -53,7 +46,7 @@ def _accumulate(s: lw.Accumulate, x: torch.Tensor) -> torch.Tensor:
     else:
         acc = F.linear(xi, w)
     acc = acc.round().to(torch.int64)
-    return acc + _channel(s.bias, acc) if s.bias is not None else acc
+    return acc + lw.channel_view(s.bias, acc.dim()) if s.bias is not None else acc
 
 
 def _requantize(s: lw.Requantize, acc: torch.Tensor) -> torch.Tensor:
@@ -61,7 +54,7 @@ def _requantize(s: lw.Requantize, acc: torch.Tensor) -> torch.Tensor:
         if s.constant is not None:
             return torch.full_like(acc, s.constant)
         return torch.where(acc >= 0, 1, -1).to(torch.int64)
-    q = round_shift(acc * _channel(s.m0, acc), _channel(s.shift, acc))
+    q = round_shift(acc * lw.channel_view(s.m0, acc.dim()), lw.channel_view(s.shift, acc.dim()))
     return torch.clamp(q, s.lo, s.hi)
 
 
@@ -105,7 +98,7 @@ def execute(program: lw.Program, x: torch.Tensor) -> torch.Tensor:
             env[s.dst] = lw.apply_op(s.op, v.double()).to(torch.int64) if s.op[0] == "maxpool" else lw.apply_op(s.op, v)
         elif isinstance(s, lw.Output):
             v = env[s.src]
-            return (v.double() * _channel(s.scale, v)).clamp(s.lo, s.hi).float()
+            return (v.double() * lw.channel_view(s.scale, v.dim())).clamp(s.lo, s.hi).float()
     raise BitsweepError("the integer program has no output step")
 
 

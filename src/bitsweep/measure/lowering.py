@@ -64,11 +64,12 @@ from bitsweep.measure.program import (  # re-exported: executors reach the steps
     Requantize,
     Step,
     apply_op,
+    channel_view,
 )
 
 __all__ = [
     "FLOAT32_EXACT", "FLOAT64_EXACT", "Acc", "AddGrids", "Accumulate", "Apply", "ClampInts", "Grid", "Output",
-    "PoolSum", "Program", "QuantizeInput", "Requantize", "Step", "apply_op", "clamp_bounds", "fixed_point", "lower",
+    "PoolSum", "Program", "QuantizeInput", "Requantize", "Step", "apply_op", "channel_view", "clamp_bounds", "fixed_point", "lower",
     "trace_quantized",
 ]  # fmt: skip
 

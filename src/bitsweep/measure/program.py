@@ -165,6 +165,11 @@ class Program:
         return not self.inexact
 
 
+def channel_view(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """A per-channel vector (C,) viewed to broadcast along dim 1 of a ``dim``-d tensor; one value stays (1,)."""
+    return t.reshape(1, -1, *([1] * (dim - 2))) if t.numel() > 1 and dim >= 2 else t.reshape(-1)
+
+
 def apply_op(op: tuple[Any, ...], t: torch.Tensor) -> torch.Tensor:
     """Run an :class:`Apply` op (given as plain data) on ``t``."""
     kind = op[0]

@@ -40,11 +40,6 @@ from bitsweep.measure import lowering as lw
 Plan = tuple[tuple[Any, ...], ...]  # static, hashable: op kinds, value names, conv geometry, tensor indices
 
 
-def _shaped(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """A per-channel vector (C,) viewed to broadcast along dim 1 of a ``dim``-d tensor; (1,) stays (1,)."""
-    return t.reshape(1, -1, *([1] * (dim - 2))) if t.numel() > 1 and dim >= 2 else t.reshape(-1)
-
-
 def _requant_consts(m0: torch.Tensor, shift: torch.Tensor, binary: bool, constant: int | None) -> list[torch.Tensor]:
     """``(m0, rounding offset, shift)`` of ``(acc * m0 + r) >> shift``, with binary grids in the same form.
 
@@ -112,20 +107,19 @@ def build(program: lw.Program, device: torch.device, int8: bool | None = None) -
             if s.op == "conv" and zp is not None:
                 lists = (list(s.stride), list(s.padding), list(s.dilation), s.groups)
                 packed = torch.ops.onednn.qconv_prepack(s.weight.to(torch.int8), torch.ones(c), 1.0, zp, *lists, None)
-                k = add(packed, torch.ones(c), torch.zeros(c, dtype=torch.int64), torch.tensor(float(zp)),
-                        torch.tensor(zp, dtype=torch.int64))  # fmt: skip
+                k = add(packed, torch.ones(c), torch.zeros(c, dtype=torch.int64), torch.ones(()), i64(zp))
                 plan.append(("qconv", s.src, s.dst, *geometry, k))
             elif s.op == "conv":
                 plan.append(("conv", s.src, s.dst, *geometry, add(s.weight.float())))
             if s.op == "conv":
                 b = s.bias if s.bias is not None else torch.zeros(c, dtype=torch.int64)
-                plan.append(("bias", s.dst, add(_shaped(b, 4))))
+                plan.append(("bias", s.dst, add(lw.channel_view(b, 4))))
             else:
-                b = s.bias.double() if s.bias is not None else torch.zeros(s.weight.shape[0], dtype=torch.float64)
+                b = s.bias.double() if s.bias is not None else torch.zeros(c, dtype=torch.float64)
                 plan.append(("linear", s.src, s.dst, add(s.weight.double(), b)))
         elif isinstance(s, lw.Requantize):
             consts = _requant_consts(s.m0, s.shift, s.binary, s.constant)
-            k = add(*(_shaped(c, s.dim) for c in consts), i64(s.lo), i64(s.hi))
+            k = add(*(lw.channel_view(c, s.dim) for c in consts), i64(s.lo), i64(s.hi))
             plan.append(("requant", s.src, s.dst, k))
         elif isinstance(s, lw.AddGrids):
             one = i64([1])
@@ -139,7 +133,7 @@ def build(program: lw.Program, device: torch.device, int8: bool | None = None) -
             plan.append(("apply", s.src, s.dst, s.op))
         elif isinstance(s, lw.Output):
             dim = 2  # logits (N, classes); a (1,) scale broadcasts anyway
-            k = add(_shaped(s.scale.double(), dim), torch.tensor(s.lo, dtype=torch.float64),
+            k = add(lw.channel_view(s.scale.double(), dim), torch.tensor(s.lo, dtype=torch.float64),
                     torch.tensor(s.hi, dtype=torch.float64))  # fmt: skip
             plan.append(("output", s.src, k))
     return tuple(plan), tensors
@@ -169,9 +163,9 @@ def run(plan: Plan, tensors: list[torch.Tensor], x: torch.Tensor) -> torch.Tenso
             env[dst] = F.conv2d(env[src], t[k], None, stride, padding, dilation, groups)
         elif kind == "qconv":  # int8 x int8 -> int32 sums (oneDNN, VNNI/AMX), returned as float32: exact below 2**24
             _, src, dst, stride, padding, dilation, groups, k = step
-            xq = (env[src] + t[k + 3]).to(torch.uint8)  # centered integers + zero point (0 or 128)
+            xq = (env[src] + t[k + 4]).to(torch.uint8)  # centered integers + the layer's zero point
             env[dst] = torch.ops.onednn.qconv2d_pointwise.tensor(
-                xq, torch.ones((), device=xq.device), t[k + 4], t[k], t[k + 1], t[k + 2], None, list(stride),
+                xq, t[k + 3], t[k + 4], t[k], t[k + 1], t[k + 2], None, list(stride),
                 list(padding), list(dilation), groups, 1.0, 0, torch.float32, "none", [], "",
             )  # fmt: skip
         elif kind == "bias":
@@ -203,11 +197,9 @@ def run(plan: Plan, tensors: list[torch.Tensor], x: torch.Tensor) -> torch.Tenso
         elif kind == "output":
             _, src, k = step
             v = env[src].double()
-            logits = v.reshape(v.shape[0], -1) if v.dim() > 2 and v.shape[2:].numel() == 1 else v
-            scale = t[k] if logits.dim() == 2 else t[k].reshape(-1)
-            out = torch.minimum(torch.maximum(logits * scale, t[k + 1]), t[k + 2]).float()
-            if v.dim() > 2 and v.shape[2:].numel() == 1:
-                out = out.reshape(v.shape)
+            flat = v.reshape(v.shape[0], -1) if v.dim() > 2 and v.shape[2:].numel() == 1 else v  # (N, C, 1, 1) -> (N, C)
+            scale = t[k] if flat.dim() == 2 else t[k].reshape(-1)
+            out = torch.minimum(torch.maximum(flat * scale, t[k + 1]), t[k + 2]).float().reshape(v.shape)
     return out
 
 
@@ -310,6 +302,17 @@ class CompiledRunner:
             self.eager = True
             out = sim(x)
         return out[:n]
+
+
+COMPILE_MIN_IMAGES = 5000  # below this, a ~30 s compilation costs more than it saves
+
+
+def runner_for(mode: str, images: int, batch_size: int) -> CompiledRunner | None:
+    """The :class:`CompiledRunner` that ``--compile MODE`` asks for (``on``, ``off``, or ``auto``:
+    compile when at least :data:`COMPILE_MIN_IMAGES` images will be evaluated), or None for eager."""
+    if mode == "on" or (mode == "auto" and images >= COMPILE_MIN_IMAGES):
+        return CompiledRunner(batch_size)
+    return None
 
 
 class SimulatedModel(nn.Module):

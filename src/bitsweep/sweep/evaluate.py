@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from bitsweep.errors import BitsweepError
-from bitsweep.measure.simulate import CompiledRunner, evaluation_model
+from bitsweep.measure.simulate import evaluation_model, runner_for
 from bitsweep.sweep.grid import Cell
 
 
@@ -187,8 +187,7 @@ class _Evaluator:
         self.fp32_bytes = fp32_file_bytes(observed)
         self.input_shape = (info.in_channels, *info.image_size)
         images = self.val[1].shape[0] + self.test[1].shape[0]
-        use_compile = s.compile == "on" or (s.compile == "auto" and images >= 5000)
-        self.runner = CompiledRunner(s.eval_batch_size) if use_compile else None
+        self.runner = runner_for(s.compile, images, s.eval_batch_size)
 
     def _architecture(self) -> Any:
         from bitsweep.measure.packed import Architecture
