@@ -105,7 +105,7 @@ def run_fp32(checkpoint: Path, data: BenchData, work: Path) -> Row:
 def run_bitsweep(checkpoint: Path, data: BenchData, setting: str, observer: str, work: Path) -> Row:
     """bitsweep PTQ: fold BN, per-channel weights, activations at every integer site; packed file size."""
     import bitsweep
-    from bitsweep.measure.packed import Architecture, PackedMeta, save_packed
+    from bitsweep.artifacts.packed import Architecture, PackedMeta, save_packed
     from bitsweep.quant import QuantConfig, calibrate, convert, quantize_
     from bitsweep.training import load_model
 

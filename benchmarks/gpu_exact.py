@@ -2,7 +2,7 @@
 
 On GPUs cuDNN may run float32 convolutions in TF32 (10-bit mantissa) and
 autocast may pick bf16; either would break the exactness of integer sums in
-float32. ``bitsweep.measure.simulate`` turns both off inside the simulation.
+float32. ``bitsweep.backend.simulate`` turns both off inside the simulation.
 This script checks the result: a width-0.5 MobileNet-v2 (random weights and
 BatchNorm statistics, 28x28 inputs) quantized at W8A8, W4A8 and W2A4, its
 simulation on the GPU (eager, under bf16 autocast, and compiled) against the
@@ -61,8 +61,8 @@ def _rate(fn: Any, x: torch.Tensor, reps: int = 20) -> float:
 
 
 def measure() -> dict[str, Any]:
-    from bitsweep.measure.intref import run_integer
-    from bitsweep.measure.simulate import CompiledRunner, simulate
+    from bitsweep.backend.intref import run_integer
+    from bitsweep.backend.simulate import CompiledRunner, simulate
 
     dev = torch.device("cuda")
     x = torch.randn(512, 1, 28, 28, generator=torch.Generator().manual_seed(2))
@@ -139,7 +139,7 @@ def main() -> int:
             table(result),
             "",
             "Width-0.5 MobileNet-v2 with random weights and BatchNorm statistics on 28x28 random images (the GPU "
-            "machine has no datasets); reference = bitsweep.measure.intref on the CPU (int64).",
+            "machine has no datasets); reference = bitsweep.backend.intref on the CPU (int64).",
         ])  # fmt: skip
         update_section("gpu_exact", text)
         print(text)

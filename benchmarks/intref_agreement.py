@@ -26,7 +26,7 @@ from onnx_latency import _setup  # noqa: E402
 
 from tqdm import tqdm  # noqa: E402
 
-from bitsweep.measure.intref import compare  # noqa: E402
+from bitsweep.backend.intref import compare  # noqa: E402
 from bitsweep.quant import QuantConfig, calibrate, convert, quantize_  # noqa: E402
 
 
@@ -61,9 +61,9 @@ def main() -> None:
                      rows)  # fmt: skip
     cmd = "python benchmarks/intref_agreement.py " + " ".join(sys.argv[1:])
     text = (f"### Integer reference vs simulation\n\n{header(cmd)}\n{table}\n\n"
-            "Simulation = the integer-exact simulation every bitsweep accuracy comes from (bitsweep.measure.simulate); "
+            "Simulation = the integer-exact simulation every bitsweep accuracy comes from (bitsweep.backend.simulate); "
             "integer reference = int64 tensors, integer biases, fixed-point requantization with a rounding right shift "
-            "(bitsweep.measure.intref); fake-quant = the converted modules (float32 convolutions of dequantized values). "
+            "(bitsweep.backend.intref); fake-quant = the converted modules (float32 convolutions of dequantized values). "
             "Both columns of differences compare logits with the integer reference.\n")  # fmt: skip
     print(text)
     if not args.quick:

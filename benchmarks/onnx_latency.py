@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import WORK, header, md_table, update_section  # noqa: E402
 
 from bitsweep.export.onnx import check_onnx, export_onnx, ort_session  # noqa: E402
-from bitsweep.measure.simulate import simulate  # noqa: E402
+from bitsweep.backend.simulate import simulate  # noqa: E402
 from bitsweep.quant import QuantConfig, calibrate, convert, fold_batchnorm, quantize_  # noqa: E402
 
 

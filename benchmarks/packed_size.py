@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import WORK, header, md_table, update_section  # noqa: E402
 
-from bitsweep.measure.packed import Architecture, PackedMeta, save_packed  # noqa: E402
+from bitsweep.artifacts.packed import Architecture, PackedMeta, save_packed  # noqa: E402
 from bitsweep.measure.size import fp32_file_bytes, size_report  # noqa: E402
 from bitsweep.quant import QuantConfig, calibrate, convert, quantize_  # noqa: E402
 
@@ -35,7 +35,7 @@ def _float_model(args: argparse.Namespace) -> tuple[torch.nn.Module, Architectur
         g = torch.Generator().manual_seed(0)
         return create_model("mobilenetv2", 10, 1, width=0.25).eval(), arch, [torch.randn(16, 1, 28, 28, generator=g)]
     from bitsweep.data import TensorLoader, load_dataset
-    from bitsweep.export.checkpoint import architecture_of
+    from bitsweep.artifacts.loading import architecture_of
     from bitsweep.training import load_model
     from bitsweep.training.checkpoint import load_checkpoint
 

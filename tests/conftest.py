@@ -11,7 +11,7 @@ from torch import nn
 
 from bitsweep.config import DataConfig
 from bitsweep.data import DatasetSplits, load_dataset
-from bitsweep.measure.packed import Architecture
+from bitsweep.artifacts.packed import Architecture
 from bitsweep.models import create_model
 from bitsweep.quant import QuantConfig, calibrate, convert, quantize_
 

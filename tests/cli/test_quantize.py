@@ -82,7 +82,7 @@ def test_fractional_bits_rejected_by_parser(checkpoint: Path, capsys) -> None:
 def test_quantized_checkpoint_round_trips(checkpoint: Path, tmp_path: Path) -> None:
     from bitsweep.data import TensorLoader
     from bitsweep.quant import QuantConfig, calibrate, convert, quantize_
-    from bitsweep.quant.checkpoint import load_quantized, quantized_state, save_quantized
+    from bitsweep.artifacts.quantized import load_quantized, quantized_state, save_quantized
     from bitsweep.training import load_model
     from bitsweep.training.checkpoint import load_checkpoint
 

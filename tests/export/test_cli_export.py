@@ -12,10 +12,11 @@ from torch import nn
 
 from bitsweep.cli import main
 from bitsweep.config import DataConfig, ModelConfig, RunConfig, to_dict
-from bitsweep.export.checkpoint import describe_compression, load_quantized
-from bitsweep.measure.packed import load_packed
+from bitsweep.artifacts.loading import load_quantized
+from bitsweep.measure.summary import describe_compression
+from bitsweep.artifacts.packed import load_packed
 from bitsweep.quant import QuantConfig, calibrate, convert, quantize_
-from bitsweep.quant.checkpoint import quantized_state
+from bitsweep.artifacts.quantized import quantized_state
 from bitsweep.models import create_model
 
 

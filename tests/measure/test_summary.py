@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from torch import nn
 
-from bitsweep.measure.packed import Architecture, PackedMeta, save_packed
+from bitsweep.artifacts.packed import Architecture, PackedMeta, save_packed
 from bitsweep.measure.summary import compression_summary
 from bitsweep.quant import QuantConfig
 

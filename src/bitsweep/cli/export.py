@@ -63,10 +63,10 @@ def _check_data(meta: Any, batch_size: int, n: int) -> tuple[Iterator[Any], str]
 
 def run(args: argparse.Namespace) -> int:
     """Load or quantize, export, reload/run the file, compare with the simulation, print the sizes."""
-    from bitsweep.export.checkpoint import load_quantized, quantize_float, read_checkpoint
-    from bitsweep.measure.intref import compare
-    from bitsweep.measure.simulate import evaluation_model
-    from bitsweep.measure.packed import load_packed, save_packed
+    from bitsweep.artifacts.loading import load_quantized, quantize_float, read_checkpoint
+    from bitsweep.backend.intref import compare
+    from bitsweep.backend.simulate import evaluation_model
+    from bitsweep.artifacts.packed import load_packed, save_packed
     from bitsweep.measure.summary import compression_summary
 
     require_positive("--batch-size", args.batch_size)

@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     """Load, calibrate, convert, evaluate FP32 and quantized, write the checkpoint and a JSON record."""
     from bitsweep.data import TensorLoader, load_dataset
     from bitsweep.quant import calibrate, convert, quantize_
-    from bitsweep.quant.checkpoint import quantized_state, save_quantized
+    from bitsweep.artifacts.quantized import quantized_state, save_quantized
     from bitsweep.runtime import choose_device
     from bitsweep.training import evaluate, load_model
     from bitsweep.training.checkpoint import load_checkpoint
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     # Quantized accuracy from the integer-exact simulation (what an integer deployment computes).
     import torch
 
-    from bitsweep.measure.simulate import evaluation_model, runner_for
+    from bitsweep.backend.simulate import evaluation_model, runner_for
 
     images = len(splits.val.labels) + len(splits.test.labels)
     runner = runner_for(args.compile, images, args.eval_batch_size)
@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     }  # fmt: skip
     write_json_atomic(out.with_suffix(".json"), record)
     print(f"wrote {out} and {out.with_suffix('.json')}")
-    from bitsweep.export.checkpoint import describe_compression  # measured sizes (bitsweep.measure)
+    from bitsweep.measure.summary import describe_compression
 
     print(describe_compression(qmodel, config, source))
     return 0

@@ -1,1 +1,1 @@
-"""Export of quantized models: ONNX QDQ files checked in onnxruntime."""
+"""Export of quantized models for deployment: ONNX files checked in onnxruntime."""

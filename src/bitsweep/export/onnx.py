@@ -34,8 +34,8 @@ from torch import fx, nn
 
 from bitsweep.errors import BitsweepError
 from bitsweep.io import atomic_path
-from bitsweep.measure._modules import is_activation_quantizer, is_weight_layer
-from bitsweep.measure.lowering import trace_quantized
+from bitsweep.quant.inspect import is_activation_quantizer, is_weight_layer
+from bitsweep.backend.lowering import trace_quantized
 
 OPSET = 21  # int16 QuantizeLinear/DequantizeLinear need opset 21
 

@@ -1,1 +1,1 @@
-"""Measured compression: bit packing, size accounting, the packed model file, the integer reference."""
+"""Measured compression: size accounting per layer, activation memory, the compression summary."""

@@ -35,7 +35,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from bitsweep.errors import BitsweepError
-from bitsweep.measure._modules import is_activation_quantizer, is_weight_layer
+from bitsweep.quant.inspect import is_activation_quantizer, is_weight_layer
 
 _INPLACE_MODULES: tuple[type[nn.Module], ...] = (
     nn.BatchNorm1d,

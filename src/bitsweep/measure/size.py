@@ -2,7 +2,7 @@
 
 Everything here is *analytic* (elements x bits, rounded up to whole bytes per
 tensor) and follows the exact storage rules of the packed file
-(:mod:`bitsweep.measure.packed`), so the estimate and the real file differ only
+(:mod:`bitsweep.artifacts.packed`), so the estimate and the real file differ only
 by the safetensors header (metadata JSON and tensor index), which is reported.
 
 Storage rules (also in docs/measure.md):
@@ -26,8 +26,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from bitsweep.measure._modules import activation_quantizers, other_state, weight_layers
-from bitsweep.measure.bitpack import packed_nbytes
+from bitsweep.quant.inspect import activation_quantizers, other_state, weight_layers
+from bitsweep.quant.bitpack import packed_nbytes
 
 SCALE_BYTES = 4  # float32
 ZERO_POINT_BYTES = 4  # int32

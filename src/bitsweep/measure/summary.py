@@ -19,7 +19,9 @@ from typing import Any
 from torch import nn
 
 from bitsweep.measure.activations import activation_memory
-from bitsweep.measure.packed import PackedMeta, save_packed
+from bitsweep.artifacts.loading import architecture_of
+from bitsweep.artifacts.packed import PackedMeta, save_packed
+from bitsweep.errors import BitsweepError
 from bitsweep.measure.size import fp32_file_bytes, size_report
 
 
@@ -124,3 +126,20 @@ def compression_summary(
         activation_fp32_peak=acts.peak_fp32_bytes,
         activation_quant_peak=acts.peak_quant_bytes,
     )
+
+
+def describe_compression(model: nn.Module, config: Any, source: dict[str, Any]) -> str:
+    """The compression summary lines ``bitsweep quantize`` prints for a converted model.
+
+    Args:
+        model: the converted model.
+        config: its QuantConfig.
+        source: the float training checkpoint dict (for the architecture record).
+
+    Never raises for an unmeasurable model: quantization already succeeded, so a
+    model the measurement cannot trace gets one explanatory line instead.
+    """
+    try:
+        return compression_summary(model, PackedMeta(architecture_of(source), config)).describe()
+    except BitsweepError as e:
+        return f"compression summary unavailable: {e}"

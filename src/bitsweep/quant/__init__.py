@@ -1,6 +1,10 @@
 """Post-training quantization to any bit width: specs, pure primitives, observers, modules, and the API.
 
-The usual path::
+One call (:func:`ptq`)::
+
+    result = ptq(model, QuantConfig.from_bits(4, 8), loader, num_batches=16)
+
+or the three steps it makes::
 
     summary = quantize_(model, QuantConfig.from_bits(4, 8))   # fold BN, swap layers, add quantizers
     stats = calibrate(model, loader, num_batches=16)           # observe activations (bit-width free)
@@ -20,6 +24,7 @@ from bitsweep.quant.config import LayerOverride, QuantConfig, activation_spec, w
 from bitsweep.quant.fold import fold_batchnorm
 from bitsweep.quant.modules import ActivationQuantizer, QuantConv2d, QuantLinear, QuantOutput, WeightQuantizer
 from bitsweep.quant.observers import OBSERVERS, ActivationStats
+from bitsweep.quant.ptq import QuantizedModel, ptq
 from bitsweep.quant.spec import QuantSpec
 
 __all__ = [
@@ -34,6 +39,7 @@ __all__ = [
     "QuantOutput",
     "QuantSpec",
     "QuantSummary",
+    "QuantizedModel",
     "WeightQuantizer",
     "activation_quantizers",
     "activation_spec",
@@ -41,6 +47,7 @@ __all__ = [
     "calibration",
     "convert",
     "fold_batchnorm",
+    "ptq",
     "quantize_",
     "weight_spec",
 ]

@@ -14,7 +14,7 @@ the bit width:
 
 Each cell then costs: one module swap, one weight quantization, one lowering
 to the integer program, one packed file write, and two evaluation passes of
-the integer-exact simulation (``bitsweep.measure.simulate``; compiled once
+the integer-exact simulation (``bitsweep.backend.simulate``; compiled once
 per worker and reused by every cell when there are many images).
 """
 
@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from bitsweep.errors import BitsweepError
-from bitsweep.measure.simulate import evaluation_model, runner_for
+from bitsweep.backend.simulate import evaluation_model, runner_for
 from bitsweep.sweep.grid import Cell
 
 
@@ -190,7 +190,7 @@ class _Evaluator:
         self.runner = runner_for(s.compile, images, s.eval_batch_size)
 
     def _architecture(self) -> Any:
-        from bitsweep.measure.packed import Architecture
+        from bitsweep.artifacts.packed import Architecture
 
         info = self.info
         return Architecture(
@@ -233,7 +233,7 @@ class _Evaluator:
 
     def _quantized(self, cell: Cell) -> dict[str, Any]:
         from bitsweep.measure.activations import activation_memory
-        from bitsweep.measure.packed import PackedMeta, save_packed
+        from bitsweep.artifacts.packed import PackedMeta, save_packed
         from bitsweep.measure.size import size_report
         from bitsweep.quant import convert, quantize_
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from bitsweep.errors import BitsweepError
-from bitsweep.measure.intref import compare, round_shift, run_integer
+from bitsweep.backend.intref import compare, round_shift, run_integer
 from bitsweep.quant import QuantConfig, calibrate, convert, quantize_
 
 QuantFactory = Callable[..., tuple[nn.Module, QuantConfig]]

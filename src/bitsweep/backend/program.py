@@ -1,7 +1,7 @@
 """The integer program: what a lowered model is made of (plain data, no torch.fx).
 
-:func:`bitsweep.measure.lowering.lower` writes these steps; :mod:`bitsweep.measure.intref`
-and :mod:`bitsweep.measure.simulate` execute them. The arithmetic each step stands for is
+:func:`bitsweep.backend.lowering.lower` writes these steps; :mod:`bitsweep.backend.intref`
+and :mod:`bitsweep.backend.simulate` execute them. The arithmetic each step stands for is
 spelled out in the lowering module's docstring.
 """
 

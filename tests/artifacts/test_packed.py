@@ -13,12 +13,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from bitsweep.errors import BitsweepError
-from bitsweep.measure.packed import PackedMeta, load_packed, read_header, save_packed
+from bitsweep.artifacts.packed import PackedMeta, load_packed, read_header, save_packed
 from bitsweep.measure.size import fp32_file_bytes, size_report
 from bitsweep.quant import QuantConfig
 
 QuantFactory = Callable[..., tuple[nn.Module, QuantConfig]]
-from bitsweep.measure.packed import Architecture
+from bitsweep.artifacts.packed import Architecture
 
 
 @pytest.mark.parametrize("weight_bits", [1, 3, 8, 16])

@@ -3,7 +3,7 @@
 Its size on disk is *the* quantized size everywhere in bitsweep. Layout:
 
 * ``weights.packed`` (uint8): every quantized layer's integers bit-packed
-  (:mod:`bitsweep.measure.bitpack`), layers concatenated in model order, each
+  (:mod:`bitsweep.quant.bitpack`), layers concatenated in model order, each
   starting on a byte boundary. Binary (1-bit {-1,+1}) weights are stored as
   one bit, 1 for +1.
 * ``weights.scale`` (float32), ``weights.zero_point`` (int32, asymmetric layers
@@ -39,8 +39,8 @@ from torch import nn
 from bitsweep.config import from_dict, to_dict
 from bitsweep.errors import BitsweepError
 from bitsweep.io import atomic_path
-from bitsweep.measure._modules import activation_quantizers, other_state, weight_layers
-from bitsweep.measure.bitpack import pack, packed_nbytes, unpack
+from bitsweep.quant.inspect import activation_quantizers, other_state, weight_layers
+from bitsweep.quant.bitpack import pack, packed_nbytes, unpack
 
 FORMAT = "bitsweep-packed"
 VERSION = 1

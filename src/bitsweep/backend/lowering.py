@@ -6,9 +6,9 @@ integer clamp bounds. :func:`lower` walks the traced model once and writes
 that down as a flat list of steps with all constants computed offline. Two
 executors run the same steps with different arithmetic:
 
-* :mod:`bitsweep.measure.intref` - the integer reference: int64 tensors,
+* :mod:`bitsweep.backend.intref` - the integer reference: int64 tensors,
   integer multiply and rounding right-shift, what a real int kernel does;
-* :mod:`bitsweep.measure.simulate` - the fast simulation every accuracy in
+* :mod:`bitsweep.backend.simulate` - the fast simulation every accuracy in
   bitsweep comes from: integers carried in float32 tensors (exact below
   2**24), requantization in float64 (exact below 2**53), so it computes the
   same integers as the reference with fast float kernels.
@@ -47,8 +47,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from bitsweep.errors import BitsweepError
-from bitsweep.measure._modules import is_activation_quantizer, is_weight_layer
-from bitsweep.measure.program import (  # re-exported: executors reach the steps through this module
+from bitsweep.quant.inspect import is_activation_quantizer, is_weight_layer
+from bitsweep.backend.program import (  # re-exported: executors reach the steps through this module
     FLOAT32_EXACT,
     FLOAT64_EXACT,
     Acc,
@@ -248,7 +248,7 @@ class _Lowering:
             return self.to_grid(self.avgpool(inner, args[0], shape), out_q)
         if len(args) == 2 and type(inner).__name__ == "Add":
             return self.add(args, out_q)
-        raise BitsweepError(f"the integer lowering does not support {type(inner).__name__} (see bitsweep.measure.lowering)")
+        raise BitsweepError(f"the integer lowering does not support {type(inner).__name__} (see bitsweep.backend.lowering)")
 
     def avgpool(self, m: nn.Module, name: str, shape: torch.Size | None) -> str:
         v = self.kinds[name]

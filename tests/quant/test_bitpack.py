@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bitsweep.errors import BitsweepError
-from bitsweep.measure.bitpack import int_range, pack, packed_nbytes, unpack
+from bitsweep.quant.bitpack import int_range, pack, packed_nbytes, unpack
 
 
 @st.composite

@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from bitsweep.errors import BitsweepError
-from bitsweep.measure import lowering as lw
-from bitsweep.measure._modules import weight_layers
-from bitsweep.measure.simulate import build
+from bitsweep.backend import lowering as lw
+from bitsweep.quant.inspect import weight_layers
+from bitsweep.backend.simulate import build
 from bitsweep.quant import QuantConfig, calibrate, convert, quantize_
 
 QuantFactory = Callable[..., tuple[nn.Module, QuantConfig]]

@@ -4,13 +4,13 @@ Fake-quant (quantize, dequantize, compute in float) is how quantization is
 usually simulated, but its float32 convolutions round where integer
 hardware does not, so a few images in a thousand change class once
 deployed. bitsweep's accuracies come from this executor instead. It runs the
-program of :mod:`bitsweep.measure.lowering` with *integers held in float32
+program of :mod:`bitsweep.backend.lowering` with *integers held in float32
 tensors* between layers, so convolutions use the fast float kernels (oneDNN
 on CPU): sums of integers are exact in float32 while they stay below 2**24,
 which the lowering checks per layer from the worst-case accumulator.
 Requantization ``(acc * m0 + 2**(shift-1)) >> shift`` runs in int64, as in
 the integer reference. Every intermediate integer therefore equals the
-reference's (:mod:`bitsweep.measure.intref`), and so do the logits.
+reference's (:mod:`bitsweep.backend.intref`), and so do the logits.
 
 Layers whose worst-case sum can reach 2**24 (16-bit weights or activations)
 are listed in ``Program.inexact``: their float32 sums may round by a unit in
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bitsweep.measure import lowering as lw
+from bitsweep.backend import lowering as lw
 
 Plan = tuple[tuple[Any, ...], ...]  # static, hashable: op kinds, value names, conv geometry, tensor indices
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bitsweep.errors import BitsweepError
-from bitsweep.measure.program import Grid, apply_op
+from bitsweep.backend.program import Grid, apply_op
 
 
 def test_grid_amax_covers_both_ends() -> None:

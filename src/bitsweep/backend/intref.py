@@ -1,6 +1,6 @@
 """Integer reference executor: the lowered model computed with integers only, as a deployment would.
 
-It runs the program of :mod:`bitsweep.measure.lowering` on int64 tensors:
+It runs the program of :mod:`bitsweep.backend.lowering` on int64 tensors:
 integer inputs times integer weights accumulated exactly, integer biases,
 requantization as an integer multiply by ``m0`` and a rounding right shift
 (round half up, written with shifts and masks), residual adds with
@@ -9,7 +9,7 @@ integer values (float32 when the layer's worst-case sum is below 2**24,
 float64 below 2**53: integer sums are exact there), converted back to int64.
 
 It exists to check the simulation: :func:`compare` runs the fast integer-exact
-simulation (:mod:`bitsweep.measure.simulate`, the source of every reported
+simulation (:mod:`bitsweep.backend.simulate`, the source of every reported
 accuracy), this reference and the fake-quant modules on the same images and
 reports how often and by how much they differ.
 """
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bitsweep.errors import BitsweepError
-from bitsweep.measure import lowering as lw
+from bitsweep.backend import lowering as lw
 
 
 def round_shift(value: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -107,7 +107,7 @@ def run_integer(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Logits (float32) of the converted ``model`` on ``x`` computed with integer arithmetic.
 
     Raises:
-        BitsweepError: for an op the integer arithmetic does not cover (see ``bitsweep.measure.lowering``).
+        BitsweepError: for an op the integer arithmetic does not cover (see ``bitsweep.backend.lowering``).
     """
     return execute(lw.lower(model, x), x)
 
@@ -141,7 +141,7 @@ def compare(model: nn.Module, batches: Any, max_batches: int | None = None) -> A
         batches: an iterable of image tensors or ``(images, labels)`` pairs (normalized float).
         max_batches: stop after this many batches.
     """
-    from bitsweep.measure.simulate import Simulator
+    from bitsweep.backend.simulate import Simulator
 
     model.eval()
     n = agree = fq_agree = sim_ok = int_ok = fq_ok = 0

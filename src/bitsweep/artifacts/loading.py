@@ -21,7 +21,7 @@ from torch import nn
 
 from bitsweep.config import ModelConfig, from_dict
 from bitsweep.errors import BitsweepError
-from bitsweep.measure.packed import Architecture, PackedMeta
+from bitsweep.artifacts.packed import Architecture, PackedMeta
 
 QUANTIZED_FORMAT = "bitsweep-quantized"
 
@@ -61,14 +61,14 @@ def architecture_of(source: dict[str, Any]) -> Architecture:
 def load_quantized(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, PackedMeta]:
     """Rebuild the converted model of a ``bitsweep quantize`` checkpoint, in eval mode, with its packing metadata.
 
-    The model comes from ``bitsweep.quant.checkpoint.load_quantized`` (one loader for the format);
+    The model comes from ``bitsweep.artifacts.quantized.load_quantized`` (one loader for the format);
     this adds the :class:`PackedMeta` (architecture, config, source data) that exports need.
 
     Raises:
         BitsweepError: for a missing, corrupt or non-quantized checkpoint.
     """
     from bitsweep.quant import QuantConfig
-    from bitsweep.quant.checkpoint import load_quantized as load_converted
+    from bitsweep.artifacts.quantized import load_quantized as load_converted
 
     state = read_checkpoint(path)
     if state.get("format") != QUANTIZED_FORMAT:
@@ -113,22 +113,3 @@ def quantize_float(
     convert(model)
     extra = {"source_checkpoint": str(path), "data": dataclasses.asdict(info.data), "seed": info.seed}
     return model.eval(), PackedMeta(arch, config, extra)
-
-
-def describe_compression(model: nn.Module, config: Any, source: dict[str, Any]) -> str:
-    """The compression summary lines ``bitsweep quantize`` prints for a converted model.
-
-    Args:
-        model: the converted model.
-        config: its QuantConfig.
-        source: the float training checkpoint dict (for the architecture record).
-
-    Never raises for an unmeasurable model: quantization already succeeded, so a
-    model the measurement cannot trace gets one explanatory line instead.
-    """
-    from bitsweep.measure.summary import compression_summary
-
-    try:
-        return compression_summary(model, PackedMeta(architecture_of(source), config)).describe()
-    except BitsweepError as e:
-        return f"compression summary unavailable: {e}"

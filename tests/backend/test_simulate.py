@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from bitsweep.measure.intref import run_integer
-from bitsweep.measure.lowering import lower
-from bitsweep.measure.simulate import CompiledRunner, Simulator, evaluation_model, int8_convolutions_exact, simulate
+from bitsweep.backend.intref import run_integer
+from bitsweep.backend.lowering import lower
+from bitsweep.backend.simulate import CompiledRunner, Simulator, evaluation_model, int8_convolutions_exact, simulate
 from bitsweep.quant import QuantConfig, calibrate, convert, quantize_
 
 QuantFactory = Callable[..., tuple[nn.Module, QuantConfig]]
