@@ -105,22 +105,17 @@ def run_fp32(checkpoint: Path, data: BenchData, work: Path) -> Row:
 def run_bitsweep(checkpoint: Path, data: BenchData, setting: str, observer: str, work: Path) -> Row:
     """bitsweep PTQ: fold BN, per-channel weights, activations at every integer site; packed file size."""
     import bitsweep
-    from bitsweep.artifacts.packed import Architecture, PackedMeta, save_packed
-    from bitsweep.quant import QuantConfig, calibrate, convert, quantize_
+    from bitsweep.artifacts import PackedMeta, save_packed
+    from bitsweep.quant import QuantConfig, ptq
     from bitsweep.training import load_model
 
     w, a = parse_setting(setting)
     model, info = load_model(checkpoint)
     config = QuantConfig.from_bits(w, a, "per_channel", observer)
-    summary = quantize_(model, config)
-    calibrate(model, data.calib)
-    convert(model)
+    result = ptq(model, config, data.calib)
+    model, summary = result.model, result.summary
     acc = top1(model, data.test)
-    arch = Architecture(
-        info.model.name, info.num_classes, info.in_channels, info.image_size, info.mean, info.std,
-        {"width": info.model.width, "dropout": info.model.dropout},
-    )  # fmt: skip
-    packed = save_packed(model, work / f"bitsweep_{setting}_{observer}.safetensors", PackedMeta(arch, config))
+    packed = save_packed(model, work / f"bitsweep_{setting}_{observer}.safetensors", PackedMeta(info.record, config))
     return make_row(
         "bitsweep", bitsweep.__version__, setting, method=f"{observer} observer, BN folded",
         granularity="per-channel W", top1=acc, weight_quantizers=summary.weight_count,
@@ -190,8 +185,13 @@ def run_torch_ao(checkpoint: Path, data: BenchData, setting: str, work: Path) ->
         quantized = convert_fx(prepared)
     acc = top1(quantized, data.test)
     # Each quantized op requantizes its output with its own (scale, zero_point): count those output qparams.
-    n_w = sum(1 for m in quantized.modules() if "quantized" in type(m).__module__ and hasattr(m, "_packed_params")
-              and not type(m).__name__.endswith("PackedParams"))
+    n_w = sum(
+        1
+        for m in quantized.modules()
+        if "quantized" in type(m).__module__
+        and hasattr(m, "_packed_params")
+        and not type(m).__name__.endswith("PackedParams")
+    )
     n_a = sum(1 for m in quantized.modules() if "quantized" in type(m).__module__ and hasattr(m, "scale"))
     n_a += sum(1 for n in quantized.graph.nodes if n.op == "call_function" and "quantize_per_tensor" in str(n.target))
     n_a += sum(1 for n in quantized.graph.nodes if n.op == "call_function" and "quantized.add" in str(n.target))

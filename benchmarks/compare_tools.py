@@ -21,6 +21,7 @@ instead: numbers from the tiny checkpoint are never published).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import subprocess
 import sys
@@ -30,14 +31,30 @@ from typing import Any
 
 try:
     from benchmarks import _common
-    from benchmarks.compare_runners import SETTINGS, Row, guarded, make_row, run_bitsweep, run_fp32
-    from benchmarks.compare_runners import run_reference, run_torch_ao
+    from benchmarks.compare_runners import (
+        SETTINGS,
+        Row,
+        guarded,
+        make_row,
+        run_bitsweep,
+        run_fp32,
+        run_reference,
+        run_torch_ao,
+    )
     from benchmarks.fmnist_model import benchmark_checkpoint, load_bench_data
 except ImportError:  # pragma: no cover - run as a file
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from benchmarks import _common
-    from benchmarks.compare_runners import SETTINGS, Row, guarded, make_row, run_bitsweep, run_fp32
-    from benchmarks.compare_runners import run_reference, run_torch_ao
+    from benchmarks.compare_runners import (
+        SETTINGS,
+        Row,
+        guarded,
+        make_row,
+        run_bitsweep,
+        run_fp32,
+        run_reference,
+        run_torch_ao,
+    )
     from benchmarks.fmnist_model import benchmark_checkpoint, load_bench_data
 
 OBSERVERS = ("minmax", "moving_average", "percentile", "mse")
@@ -86,15 +103,16 @@ def collect(args: argparse.Namespace) -> tuple[list[Row], dict[str, Any]]:
     for setting in args.settings:
         if "bitsweep" in args.tools:
             for obs in args.observers:
-                run = lambda: run_bitsweep(checkpoint, data, setting, obs, work)  # noqa: E731
+                run = functools.partial(run_bitsweep, checkpoint, data, setting, obs, work)
                 rows.append(guarded("bitsweep", "?", setting, run))
                 rows[-1]["method"] = rows[-1]["method"] or f"{obs} observer"
                 _log(rows[-1])
         if "torch_ao" in args.tools:
-            rows.append(guarded("torch.ao FX", "?", setting, lambda: run_torch_ao(checkpoint, data, setting, work)))
+            run = functools.partial(run_torch_ao, checkpoint, data, setting, work)
+            rows.append(guarded("torch.ao FX", "?", setting, run))
             _log(rows[-1])
         if "reference" in args.tools:
-            run = lambda: run_reference(checkpoint, data, setting, work)  # noqa: E731
+            run = functools.partial(run_reference, checkpoint, data, setting, work)
             rows.append(guarded("reference", "assignment", setting, run))
             _log(rows[-1])
     for tool in EXTERNAL:

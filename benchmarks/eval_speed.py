@@ -51,13 +51,11 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: bool = True) 
 
 def quantized_model(checkpoint: Path, data: BenchData, w: int, a: int, observer: str = "minmax") -> torch.nn.Module:
     """A converted bitsweep model (per-channel weights, BN folded) ready for fake-quant evaluation."""
-    from bitsweep.quant import QuantConfig, calibrate, convert, quantize_
+    from bitsweep.quant import QuantConfig, ptq
     from bitsweep.training import load_model
 
     model, _ = load_model(checkpoint)
-    quantize_(model, QuantConfig.from_bits(w, a, "per_channel", observer))
-    calibrate(model, data.calib)
-    return convert(model)
+    return ptq(model, QuantConfig.from_bits(w, a, "per_channel", observer), data.calib).model
 
 
 def eval_rows(checkpoint: Path, data: BenchData, repeats: int) -> list[list[object]]:
@@ -78,22 +76,27 @@ def eval_rows(checkpoint: Path, data: BenchData, repeats: int) -> list[list[obje
 
 
 def calibration_rows(checkpoint: Path, data: BenchData, repeats: int) -> list[list[object]]:
-    """Seconds to calibrate (observe activations) and to convert (choose qparams), per observer, at W8A8."""
-    from bitsweep.quant import QuantConfig, calibrate, convert, quantize_
+    """Seconds to calibrate (observe activations) and to convert (choose qparams), per observer, at W8A8.
+
+    ``ptq`` runs prepare, calibrate and convert in one call; the convert share is timed as ``ptq``
+    from the statistics of the first run (prepare + convert), the calibrate share is the difference.
+    """
+    from bitsweep.quant import QuantConfig, ptq
     from bitsweep.training import load_model
 
     rows = []
     for obs in OBSERVERS:
         cal, conv = [], []
+        config = QuantConfig.from_bits(8, 8, "per_channel", obs)
         for _ in range(repeats):
             model, _ = load_model(checkpoint)
-            quantize_(model, QuantConfig.from_bits(8, 8, "per_channel", obs))
+            again, _ = load_model(checkpoint)
             t0 = time.perf_counter()
-            calibrate(model, data.calib)
+            stats = ptq(model, config, data.calib).stats
             t1 = time.perf_counter()
-            convert(model)
+            ptq(again, config, stats=stats)
             t2 = time.perf_counter()
-            cal.append(t1 - t0)
+            cal.append((t1 - t0) - (t2 - t1))
             conv.append(t2 - t1)
         c, v = statistics.median(cal), statistics.median(conv)
         rows.append([obs, data.calib_images, f"{c:.2f}", f"{v:.2f}", f"{c + v:.2f}"])

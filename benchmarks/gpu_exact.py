@@ -21,6 +21,7 @@ Here, with the JSON fetched::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -36,7 +37,7 @@ from torch import nn  # noqa: E402
 
 def _model(bits: tuple[int, int]) -> nn.Module:
     from bitsweep.models import create_model
-    from bitsweep.quant import QuantConfig, calibrate, convert, quantize_
+    from bitsweep.quant import QuantConfig, ptq
 
     torch.manual_seed(0)
     model = create_model("mobilenetv2", 10, 1, width=0.5).eval()
@@ -44,10 +45,8 @@ def _model(bits: tuple[int, int]) -> nn.Module:
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.2, 0.2)
             m.running_var.uniform_(0.5, 1.5)
-    quantize_(model, QuantConfig.from_bits(*bits))
     g = torch.Generator().manual_seed(1)
-    calibrate(model, [torch.randn(64, 1, 28, 28, generator=g) for _ in range(4)], 4)
-    return convert(model)
+    return ptq(model, QuantConfig.from_bits(*bits), [torch.randn(64, 1, 28, 28, generator=g) for _ in range(4)]).model
 
 
 def _rate(fn: Any, x: torch.Tensor, reps: int = 20) -> float:
@@ -82,7 +81,7 @@ def measure() -> dict[str, Any]:
         compile_s = time.perf_counter() - start
         with torch.no_grad():
             fq = model(xd).float().cpu()
-            fq_rate = _rate(lambda t: model(t), xd[:256])
+            fq_rate = _rate(model, xd[:256])
         rows.append({
             "config": f"W{bits[0]}A{bits[1]}",
             "images": x.shape[0],
@@ -94,7 +93,7 @@ def measure() -> dict[str, Any]:
             "fakequant_max_abs_diff": float((fq - ref).abs().max()),
             "first_call_s": compile_s,
             "sim_eager_img_s": _rate(sim, xd[:256]),
-            "sim_compiled_img_s": _rate(lambda t: runner(sim, t), xd[:256]),
+            "sim_compiled_img_s": _rate(functools.partial(runner, sim), xd[:256]),
             "fakequant_img_s": fq_rate,
         })  # fmt: skip
         print(rows[-1], flush=True)
@@ -112,9 +111,10 @@ def table(result: dict[str, Any]) -> str:
             "sim compiled img/s", "fake-quant img/s"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["rows"]:
-        vals = [r["config"], str(r["images"]), str(r["eager_equal"]), str(r["autocast_equal"]), str(r["compiled_equal"]),
-                f"{r['fakequant_same_prediction_pct']:.1f}", f"{r['fakequant_max_abs_diff']:.3g}", f"{r['first_call_s']:.1f}",
-                f"{r['sim_eager_img_s']:,.0f}", f"{r['sim_compiled_img_s']:,.0f}", f"{r['fakequant_img_s']:,.0f}"]  # fmt: skip
+        vals = [r["config"], str(r["images"]), str(r["eager_equal"]), str(r["autocast_equal"]),
+                str(r["compiled_equal"]), f"{r['fakequant_same_prediction_pct']:.1f}",
+                f"{r['fakequant_max_abs_diff']:.3g}", f"{r['first_call_s']:.1f}", f"{r['sim_eager_img_s']:,.0f}",
+                f"{r['sim_compiled_img_s']:,.0f}", f"{r['fakequant_img_s']:,.0f}"]  # fmt: skip
         lines.append("| " + " | ".join(vals) + " |")
     return "\n".join(lines)
 
@@ -131,8 +131,8 @@ def main() -> int:
         text = "\n".join([
             "### Integer-exact simulation on a GPU",
             "",
-            f"Command: `python benchmarks/gpu_exact.py --out DIR` on the GPU machine, then "
-            f"`python -m benchmarks.gpu_exact --write DIR/gpu_exact.json`  ",
+            "Command: `python benchmarks/gpu_exact.py --out DIR` on the GPU machine, then "
+            "`python -m benchmarks.gpu_exact --write DIR/gpu_exact.json`  ",
             f"Date: {result['date']}  ",
             f"Machine: {result['gpu']}, torch {result['torch']}",
             "",

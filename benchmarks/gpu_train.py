@@ -85,7 +85,7 @@ def run_config(
     epochs = [
         {"epoch": int(r["epoch"]), "train_images_per_s": float(r["train_images_per_s"]),
          "epoch_seconds": float(r["epoch_seconds"]), "wall_seconds": w, "val_top1": float(r["val_top1"])}
-        for r, w in zip(result.metrics, walls)
+        for r, w in zip(result.metrics, walls, strict=True)  # one callback per logged epoch
     ]  # fmt: skip
     return {"name": name, "compile": compile_, "amp": amp, "epochs": epochs, "test_top1": result.test.top1,
             "total_seconds": time.perf_counter() - start}  # fmt: skip

@@ -23,11 +23,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import WORK, header, md_table, update_section  # noqa: E402
 from onnx_latency import _setup  # noqa: E402
-
 from tqdm import tqdm  # noqa: E402
 
 from bitsweep.backend.intref import compare  # noqa: E402
-from bitsweep.quant import QuantConfig, calibrate, convert, quantize_  # noqa: E402
+from bitsweep.quant import QuantConfig, ptq  # noqa: E402
 
 
 def main() -> None:
@@ -44,9 +43,7 @@ def main() -> None:
     for pair in args.configs.split(";"):
         w, a = (int(v) for v in pair.split(","))
         q = copy.deepcopy(model)
-        quantize_(q, QuantConfig.from_bits(w, a))
-        calibrate(q, calib, len(calib))
-        convert(q)
+        q = ptq(q, QuantConfig.from_bits(w, a), calib).model
         start = time.perf_counter()
         r = compare(q, tqdm(test, desc=f"W{w}A{a}", unit="batch", leave=False), args.max_batches)
         seconds = time.perf_counter() - start
@@ -63,7 +60,8 @@ def main() -> None:
     text = (f"### Integer reference vs simulation\n\n{header(cmd)}\n{table}\n\n"
             "Simulation = the integer-exact simulation every bitsweep accuracy comes from (bitsweep.backend.simulate); "
             "integer reference = int64 tensors, integer biases, fixed-point requantization with a rounding right shift "
-            "(bitsweep.backend.intref); fake-quant = the converted modules (float32 convolutions of dequantized values). "
+            "(bitsweep.backend.intref); fake-quant = the converted modules "
+            "(float32 convolutions of dequantized values). "
             "Both columns of differences compare logits with the integer reference.\n")  # fmt: skip
     print(text)
     if not args.quick:

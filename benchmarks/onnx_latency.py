@@ -26,9 +26,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import WORK, header, md_table, update_section  # noqa: E402
 
-from bitsweep.export.onnx import check_onnx, export_onnx, ort_session  # noqa: E402
 from bitsweep.backend.simulate import simulate  # noqa: E402
-from bitsweep.quant import QuantConfig, calibrate, convert, fold_batchnorm, quantize_  # noqa: E402
+from bitsweep.export.onnx import check_onnx, export_onnx, ort_session  # noqa: E402
+from bitsweep.quant import QuantConfig, fold_batchnorm, ptq  # noqa: E402
 
 
 def _setup(args: argparse.Namespace) -> tuple[torch.nn.Module, tuple[int, int, int], list, list]:
@@ -46,7 +46,8 @@ def _setup(args: argparse.Namespace) -> tuple[torch.nn.Module, tuple[int, int, i
 
     model, info = load_model(args.checkpoint)
     splits = load_dataset(dataclasses.replace(info.data, download=False), seed=info.seed)
-    calib = [x for _, (x, _) in zip(range(8), TensorLoader(splits.train, 256, mean=info.mean, std=info.std))]
+    train = TensorLoader(splits.train, 256, mean=info.mean, std=info.std)
+    calib = [x for _, (x, _) in zip(range(8), train, strict=False)]
     test = list(TensorLoader(splits.test, 500, mean=info.mean, std=info.std))
     return model, (info.in_channels, *info.image_size), calib, test
 
@@ -74,9 +75,7 @@ def main() -> None:
     model, shape, calib, test = _setup(args)
     fp32 = copy.deepcopy(model).eval()
     fold_batchnorm(fp32)
-    quantize_(model, QuantConfig.from_bits(8, 8))
-    calibrate(model, calib, len(calib))
-    convert(model)
+    model = ptq(model, QuantConfig.from_bits(8, 8), calib).model
     rows = []
     with tempfile.TemporaryDirectory() as d:
         f_path = export_onnx(fp32, Path(d) / "fp32.onnx", shape)

@@ -22,28 +22,26 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import WORK, header, md_table, update_section  # noqa: E402
 
-from bitsweep.artifacts.packed import Architecture, PackedMeta, save_packed  # noqa: E402
+from bitsweep.artifacts import ModelRecord, PackedMeta, save_packed  # noqa: E402
 from bitsweep.measure.size import fp32_file_bytes, size_report  # noqa: E402
-from bitsweep.quant import QuantConfig, calibrate, convert, quantize_  # noqa: E402
+from bitsweep.quant import QuantConfig, ptq  # noqa: E402
 
 
-def _float_model(args: argparse.Namespace) -> tuple[torch.nn.Module, Architecture, list[torch.Tensor]]:
+def _float_model(args: argparse.Namespace) -> tuple[torch.nn.Module, ModelRecord, list[torch.Tensor]]:
     if args.quick:
         from bitsweep.models import create_model
 
-        arch = Architecture("mobilenetv2", 10, 1, (28, 28), (0.286,), (0.353,), {"width": 0.25})
+        arch = ModelRecord("mobilenetv2", 10, 1, (28, 28), (0.286,), (0.353,), {"width": 0.25})
         g = torch.Generator().manual_seed(0)
         return create_model("mobilenetv2", 10, 1, width=0.25).eval(), arch, [torch.randn(16, 1, 28, 28, generator=g)]
     from bitsweep.data import TensorLoader, load_dataset
-    from bitsweep.artifacts.loading import architecture_of
     from bitsweep.training import load_model
-    from bitsweep.training.checkpoint import load_checkpoint
 
     model, info = load_model(args.checkpoint)
     splits = load_dataset(dataclasses.replace(info.data, download=False), seed=info.seed)
     loader = TensorLoader(splits.train, 256, mean=info.mean, std=info.std)
-    batches = [x for i, (x, _) in zip(range(args.calib_batches), loader)]
-    return model, architecture_of(load_checkpoint(args.checkpoint)), batches
+    batches = [x for _, (x, _) in zip(range(args.calib_batches), loader, strict=False)]
+    return model, info.record, batches
 
 
 def main() -> None:
@@ -60,22 +58,22 @@ def main() -> None:
     for w in bits:
         model, arch, batches = _float_model(args)
         config = QuantConfig.from_bits(w, args.activation_bits)
-        quantize_(model, config)
-        calibrate(model, batches, len(batches))
-        convert(model)
+        model = ptq(model, config, batches).model
         report = size_report(model)
         fp32 = fp32 or fp32_file_bytes(model)
         with tempfile.TemporaryDirectory() as d:
             info = save_packed(model, Path(d) / "m.safetensors", PackedMeta(arch, config))
         rows.append([f"W{w}A{args.activation_bits}", f"{info.file_bytes:,}", f"{report.payload_bytes:,}",
                      f"{info.header_bytes:,}", f"{report.weight_payload_bytes:,}", f"{fp32:,}",
-                     f"{fp32 / info.file_bytes:.2f}x", f"{report.weight_ratio:.2f}x", f"{info.file_bytes / 1e6:.4f}"])  # fmt: skip
+                     f"{fp32 / info.file_bytes:.2f}x", f"{report.weight_ratio:.2f}x",
+                     f"{info.file_bytes / 1e6:.4f}"])  # fmt: skip
     table = md_table(["config", "packed file (B)", "analytic payload (B)", "header (B)", "packed weights (B)",
                       "FP32 file (B)", "model ratio", "weight ratio", "size (MB)"], rows)  # fmt: skip
     cmd = "python benchmarks/packed_size.py " + " ".join(sys.argv[1:])
     text = (f"### Packed model size (MobileNet-v2)\n\n{header(cmd)}\n{table}\n\n"
             "Packed file = the safetensors file `bitsweep export --format packed` writes (bytes on disk); "
-            "analytic payload = elements x bits + qparams + biases; header = file - payload (tensor index + metadata JSON). "
+            "analytic payload = elements x bits + qparams + biases; "
+            "header = file - payload (tensor index + metadata JSON). "
             "MB = 1e6 bytes.\n")  # fmt: skip
     print(text)
     if not args.quick:

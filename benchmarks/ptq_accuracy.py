@@ -21,12 +21,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import header, md_table, update_section  # noqa: E402
 from bitsweep.config import DataConfig  # noqa: E402
 from bitsweep.data import TensorLoader, load_dataset  # noqa: E402
 from bitsweep.models import create_model  # noqa: E402
-from bitsweep.quant import QuantConfig, calibrate, convert, quantize_  # noqa: E402
+from bitsweep.quant import QuantConfig, ptq  # noqa: E402
 from bitsweep.training import evaluate, load_model  # noqa: E402
+
+from benchmarks._common import header, md_table, update_section  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,14 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     for granularity, observer in variants:
         base = copy.deepcopy(model)
-        quantize_(base, QuantConfig.from_bits(8, 8, granularity, observer))
-        stats = calibrate(base, calib, args.calib_batches)  # bit-width free: reused for every cell
+        # Calibration statistics are bit-width free: collected once, reused for every cell.
+        base_config = QuantConfig.from_bits(8, 8, granularity, observer)
+        stats = ptq(base, base_config, calib, num_batches=args.calib_batches).stats
         for w in wbits:
             row: list[object] = [granularity, observer, w]
             for a in abits:
                 m = copy.deepcopy(model)
-                quantize_(m, QuantConfig.from_bits(w, a, granularity, observer))
-                row.append(f"{evaluate(convert(m, stats), test).top1:.2f}")
+                m = ptq(m, QuantConfig.from_bits(w, a, granularity, observer), stats=stats).model
+                row.append(f"{evaluate(m, test).top1:.2f}")
             rows.append(row)
             print(" | ".join(str(c) for c in row), flush=True)
     seconds = time.time() - start

@@ -29,11 +29,20 @@ except ImportError:  # pragma: no cover - run as a file
 
 # In dependency order: training speed first (it needs no checkpoint), then accuracy and size, then speed.
 BENCHMARKS: tuple[str, ...] = (
-    "fmnist_train", "train_speed", "ptq_accuracy", "packed_size", "intref_agreement", "onnx_latency", "sweep_speed", "compare_tools",
-    "eval_speed", "gpu_train", "gpu_exact",
+    "fmnist_train", "train_speed", "ptq_accuracy", "packed_size", "intref_agreement", "onnx_latency", "sweep_speed",
+    "compare_tools", "eval_speed", "gpu_train", "gpu_exact",
 )  # fmt: skip
 NEEDS_CHECKPOINT = frozenset(
-    {"fmnist_train", "ptq_accuracy", "packed_size", "intref_agreement", "onnx_latency", "sweep_speed", "compare_tools", "eval_speed"}
+    {
+        "fmnist_train",
+        "ptq_accuracy",
+        "packed_size",
+        "intref_agreement",
+        "onnx_latency",
+        "sweep_speed",
+        "compare_tools",
+        "eval_speed",
+    }
 )
 
 

@@ -24,9 +24,9 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import tempfile
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -50,7 +50,9 @@ def _timed(argv: list[str], cache: str) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny checkpoint and grid: checks the script, publishes nothing")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny checkpoint and grid: checks the script, publishes nothing"
+    )
     parser.add_argument("--jobs", type=int, default=2, help="sweep workers (one per core)")
     parser.add_argument("--skip-separate", action="store_true", help="time only the sweep")
     parser.add_argument("--repeats", type=int, default=2, help="sweep runs (each from scratch; all are reported)")
@@ -81,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
             for w in wbits:
                 for a in abits:
                     cmd = [sys.executable, "-m", "bitsweep", "quantize", str(ckpt), "--weight-bits", str(w),
-                           "--activation-bits", str(a), "--device", "cpu", "--output", str(out / f"w{w}a{a}.pt")]  # fmt: skip
+                           "--activation-bits", str(a), "--device", "cpu",
+                           "--output", str(out / f"w{w}a{a}.pt")]  # fmt: skip
                     t = _timed(cmd, cache)
                     separate_s += t
                     print(f"bitsweep quantize W{w}A{a}: {t:.1f} s", flush=True)
@@ -90,8 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = [[f"`bitsweep sweep` run {i + 1} (FP32 + all cells, val + test each)", f"{t:.1f}", f"{t / (cells + 1):.1f}"]
             for i, t in enumerate(sweeps)]  # fmt: skip
     if separate_s is not None:
-        rows.append([f"{cells} separate `bitsweep quantize` processes", f"{separate_s:.1f}", f"{separate_s / cells:.1f}"])
+        rows.append(
+            [f"{cells} separate `bitsweep quantize` processes", f"{separate_s:.1f}", f"{separate_s / cells:.1f}"]
+        )
     verdict = "meets" if max(sweeps) < TARGET_SECONDS else "MISSES"
+    shown_ckpt = Path(ckpt).relative_to(ROOT) if Path(ckpt).is_relative_to(ROOT) else ckpt
     text = "\n".join([
         "### Sweep speed: 5x5 grid vs separate processes",
         "",
@@ -99,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         md_table(["what", "seconds", "seconds per cell"], rows),
         "",
         f"The sweep {verdict} the target of {TARGET_SECONDS / 60:.0f} minutes for the 5x5 grid in every run "
-        f"({len(sweeps)} runs, each with an empty compile cache; checkpoint `{Path(ckpt).relative_to(ROOT) if Path(ckpt).is_relative_to(ROOT) else ckpt}`).",
+        f"({len(sweeps)} runs, each with an empty compile cache; checkpoint `{shown_ckpt}`).",
     ])  # fmt: skip
     if args.quick:
         print(text)

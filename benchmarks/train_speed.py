@@ -21,11 +21,12 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: python benchmarks/train_speed.py
-from benchmarks._common import header, md_table, update_section  # noqa: E402
 from bitsweep.config import AugmentConfig, DataConfig, ModelConfig, RunConfig, TrainConfig
 from bitsweep.data import DatasetSplits, ImageSet, load_dataset
 from bitsweep.models import create_model
 from bitsweep.training import fit
+
+from benchmarks._common import header, md_table, update_section  # noqa: E402
 
 
 class PerImageDataset(torch.utils.data.Dataset):

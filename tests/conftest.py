@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
+from bitsweep.artifacts import ModelRecord
 from bitsweep.config import DataConfig
 from bitsweep.data import DatasetSplits, load_dataset
-from bitsweep.artifacts.packed import Architecture
 from bitsweep.models import create_model
-from bitsweep.quant import QuantConfig, calibrate, convert, quantize_
+from bitsweep.quant import QuantConfig, ptq
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -49,7 +49,7 @@ def digits_splits() -> DatasetSplits:
 
 # Tiny converted quantized models, shared by the measure and export tests.
 
-ARCH = Architecture("mobilenetv2", 10, 1, (8, 8), (0.5,), (0.25,), {"width": 0.25})
+ARCH = ModelRecord("mobilenetv2", 10, 1, (8, 8), (0.5,), (0.25,), {"width": 0.25})
 
 
 def make_quantized(weight_bits: int, activation_bits: int | None = 8, seed: int = 0) -> tuple[nn.Module, QuantConfig]:
@@ -64,10 +64,8 @@ def make_quantized(weight_bits: int, activation_bits: int | None = 8, seed: int 
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.uniform_(-0.2, 0.2)
     config = QuantConfig.from_bits(weight_bits, activation_bits)
-    quantize_(model, config)
     g = torch.Generator().manual_seed(seed)
-    calibrate(model, [torch.randn(16, 1, 8, 8, generator=g) for _ in range(2)], num_batches=2)
-    convert(model)
+    model = ptq(model, config, [torch.randn(16, 1, 8, 8, generator=g) for _ in range(2)]).model
     return model, config
 
 
@@ -86,6 +84,6 @@ def quantized() -> Callable[..., tuple[nn.Module, QuantConfig]]:
 
 
 @pytest.fixture(scope="session")
-def arch() -> Architecture:
-    """The architecture record of :func:`make_quantized` models."""
+def arch() -> ModelRecord:
+    """The model record of :func:`make_quantized` models."""
     return ARCH

@@ -44,11 +44,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             except BitsweepError as e:
                 errors.append(str(e))
         raise BitsweepError(errors[0] if errors else f"{where}: unexpected value {value!r}")
-    if dataclasses.is_dataclass(tp):
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):  # a dataclass type, never an instance, in annotations
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise BitsweepError(f"{where}: expected a mapping of {_type_name(tp)} fields, got {value!r}")
+            raise BitsweepError(not_a_mapping(where, tp, value))
         return from_dict(tp, value, where=where)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
@@ -85,15 +85,64 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def not_a_mapping(where: str, cls: Any, value: Any) -> str:
+    """The message for a section given a single value, e.g. ``train: 5`` or ``--set train=5``.
+
+    >>> print(not_a_mapping("train", TrainConfig, 5))
+    train must be a mapping of train options (--set train.epochs=200, or epochs: 200 indented under train:), got 5
+    """
+    first = dataclasses.fields(cls)[0]
+    example = first.default if first.default is not dataclasses.MISSING else "..."
+    return (f"{where} must be a mapping of {where.rsplit('.', 1)[-1]} options (--set {where}.{first.name}={example}, "
+            f"or {first.name}: {example} indented under {where}:), got {value!r}")  # fmt: skip
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``data["a"]["b"] = value`` for ``"a.b"``, creating sections; a section holding a value is a user error.
+
+    >>> d = {}
+    >>> set_dotted(d, "train.epochs", 3)
+    >>> d
+    {'train': {'epochs': 3}}
+    >>> set_dotted({"train": 5}, "train.epochs", 3)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    bitsweep.errors.BitsweepError: train must be a mapping of train options (...), got 5
+    """
+    node = data
+    *parents, last = dotted.split(".")
+    for i, key in enumerate(parents):
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            where = ".".join(parents[: i + 1])
+            section = _section_class(where)
+            raise BitsweepError(not_a_mapping(where, section, child) if section is not None else
+                                f"{where} must be a mapping, got {child!r}")  # fmt: skip
+        node = child
+    node[last] = value
+
+
+def _section_class(where: str) -> Any:
+    """The config dataclass at the dotted path ``where`` of a RunConfig, or None."""
+    cls: Any = RunConfig
+    for key in where.split("."):
+        hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+        cls = hints.get(key)
+        if cls is None:
+            return None
+    return cls if dataclasses.is_dataclass(cls) else None
+
+
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     """Build the frozen dataclass ``cls`` from ``data``, rejecting unknown keys and wrong types.
 
     >>> from_dict(AugmentConfig, {"cutout": 8}).cutout
     8
-    >>> from_dict(AugmentConfig, {"cutuot": 8})
+    >>> from_dict(AugmentConfig, {"cutuot": 8})  # doctest: +NORMALIZE_WHITESPACE
     Traceback (most recent call last):
     ...
-    bitsweep.errors.BitsweepError: unknown key 'cutuot' (did you mean 'cutout'?); valid keys: crop_padding, hflip, autoaugment, cutout
+    bitsweep.errors.BitsweepError: unknown key 'cutuot' (did you mean 'cutout'?);
+        valid keys: crop_padding, hflip, autoaugment, cutout
     """
     if not isinstance(data, dict):
         raise BitsweepError(f"{where or _type_name(cls)}: expected a mapping, got {data!r}")
@@ -124,7 +173,8 @@ def to_dict(config: Any) -> dict[str, Any]:
             return {k: _plain(x) for k, x in v.items()}
         return v
 
-    return _plain(out)
+    plain: dict[str, Any] = _plain(out)
+    return plain
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -173,8 +223,11 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise BitsweepError(f"config file '{p}' not found; recipes ship in the configs/ folder of the repository")
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise BitsweepError(f"config file '{p}' is not UTF-8 text (byte {e.start} is 0x{e.object[e.start]:02x}); "
+                            "save it as UTF-8") from None  # fmt: skip
     except yaml.YAMLError as e:
-        raise BitsweepError(f"config file '{p}' is not valid YAML: {e}") from None
+        raise BitsweepError(f"config file '{p}' is not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(data, dict):
         raise BitsweepError(f"config file '{p}' must hold a mapping of sections (data, model, train, ...)")
     return data

@@ -1,4 +1,4 @@
-"""Devices, autocast, seeding and run directories: the only place that looks at the hardware.
+"""Devices, threads, autocast, seeding and run directories: the only place that looks at the hardware.
 
 Library functions take a ``torch.device`` from their caller; the CLI gets it
 from :func:`choose_device`. Nothing here keeps global state beyond what torch
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import math
 import os
 import platform
 import random
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bitsweep import __version__
 from bitsweep.errors import BitsweepError
 
 
@@ -80,10 +82,8 @@ def git_commit(cwd: str | Path | None = None) -> str | None:
 
 def environment(device: torch.device | None = None) -> dict[str, Any]:
     """A snapshot of what produced a result: versions, device, threads, git commit, host."""
-    import bitsweep
-
     env: dict[str, Any] = {
-        "bitsweep": bitsweep.__version__,
+        "bitsweep": __version__,
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "numpy": np.__version__,
@@ -115,6 +115,62 @@ def make_run_dir(output_dir: str | Path, name: str | None, prefix: str) -> Path:
         i += 1
     path.mkdir(parents=True)
     return path
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on: its affinity mask, capped by a cgroup v2 CPU quota."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # macOS, Windows
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
+def busy_cores() -> float:
+    """Cores kept busy by other processes: the 1-minute load average (0 where there is none)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return 0.0
+
+
+def choose_threads(requested: int | None = None, *, cores: int | None = None, load: float | None = None) -> int:
+    """Torch intra-op threads for this process: ``requested``, or the cores that are free now.
+
+    Two threads on two cores with another process busy on one of them train 3-6x
+    slower than one thread (issue 15: 15-31 against 95 img/s), because every
+    parallel region waits for the thread that shares its core. So the default
+    is the available cores minus the cores other processes keep busy (the
+    1-minute load average, rounded), and at least 1. The load average counts
+    the whole machine (in a container, other containers too), so on a shared
+    host the default can be lower than the cores this process may use: pass
+    ``--threads`` to choose.
+
+    Args:
+        requested: An explicit count (``--threads``); wins when given.
+        cores: Available cores; default :func:`available_cores`.
+        load: Busy cores; default :func:`busy_cores`.
+
+    >>> choose_threads(cores=8, load=2.6)
+    5
+    >>> choose_threads(cores=2, load=7.0)
+    1
+    >>> choose_threads(3, cores=2, load=7.0)
+    3
+    """
+    if requested is not None:
+        if requested < 1:
+            raise BitsweepError(f"--threads must be a positive whole number, got {requested}")
+        return requested
+    cores = available_cores() if cores is None else cores
+    load = busy_cores() if load is None else load
+    return max(1, cores - int(load + 0.5))
 
 
 @contextlib.contextmanager

@@ -12,18 +12,17 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from bitsweep.artifacts import ModelRecord, PackedMeta, load_packed, read_header, save_packed
 from bitsweep.errors import BitsweepError
-from bitsweep.artifacts.packed import PackedMeta, load_packed, read_header, save_packed
 from bitsweep.measure.size import fp32_file_bytes, size_report
 from bitsweep.quant import QuantConfig
 
 QuantFactory = Callable[..., tuple[nn.Module, QuantConfig]]
-from bitsweep.artifacts.packed import Architecture
 
 
 @pytest.mark.parametrize("weight_bits", [1, 3, 8, 16])
 def test_round_trip_logits_identical_and_size_matches(
-    tmp_path: Path, weight_bits: int, quantized: QuantFactory, arch: Architecture
+    tmp_path: Path, weight_bits: int, quantized: QuantFactory, arch: ModelRecord
 ) -> None:
     model, config = quantized(weight_bits, 8)
     info = save_packed(model, tmp_path / "m.safetensors", PackedMeta(arch, config, {"note": "test"}))
@@ -31,7 +30,7 @@ def test_round_trip_logits_identical_and_size_matches(
     x = torch.randn(5, 1, 8, 8)
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
-    assert meta.extra == {"note": "test"} and meta.architecture == arch
+    assert meta.extra == {"note": "test"} and meta.record == arch
     report = size_report(model)
     assert info.file_bytes == info.path.stat().st_size
     assert info.payload_bytes == report.payload_bytes  # analytic estimate = tensor bytes in the file
@@ -42,7 +41,7 @@ def test_round_trip_logits_identical_and_size_matches(
     assert info.file_bytes < fp32_file_bytes(model)
 
 
-def test_sub_8_bit_file_is_smaller_than_8_bit(tmp_path: Path, quantized: QuantFactory, arch: Architecture) -> None:
+def test_sub_8_bit_file_is_smaller_than_8_bit(tmp_path: Path, quantized: QuantFactory, arch: ModelRecord) -> None:
     sizes = {}
     for bits in (2, 4, 8):
         model, config = quantized(bits, 8)
@@ -51,7 +50,7 @@ def test_sub_8_bit_file_is_smaller_than_8_bit(tmp_path: Path, quantized: QuantFa
 
 
 @pytest.fixture
-def packed_file(tmp_path: Path, quantized: QuantFactory, arch: Architecture) -> Path:
+def packed_file(tmp_path: Path, quantized: QuantFactory, arch: ModelRecord) -> Path:
     model, config = quantized(4, 8)
     return save_packed(model, tmp_path / "m.safetensors", PackedMeta(arch, config)).path
 
@@ -85,9 +84,9 @@ def test_foreign_safetensors_and_missing_file(tmp_path: Path) -> None:
         load_packed(garbage)
 
 
-def test_other_architecture_is_refused(tmp_path: Path, quantized: QuantFactory, arch: Architecture) -> None:
+def test_other_architecture_is_refused(tmp_path: Path, quantized: QuantFactory, arch: ModelRecord) -> None:
     model, config = quantized(4, 8)
     wrong = dataclasses.replace(arch, options={"width": 0.5})
     path = save_packed(model, tmp_path / "m.safetensors", PackedMeta(wrong, config)).path
-    with pytest.raises(BitsweepError, match="does not match the architecture"):
+    with pytest.raises(BitsweepError, match="does not match the model it names"):
         load_packed(path)

@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from bitsweep.errors import BitsweepError
 from bitsweep.backend.intref import compare, round_shift, run_integer
-from bitsweep.quant import QuantConfig, calibrate, convert, quantize_
+from bitsweep.errors import BitsweepError
+from bitsweep.quant import QuantConfig, ptq
 
 QuantFactory = Callable[..., tuple[nn.Module, QuantConfig]]
 
@@ -61,8 +61,6 @@ def test_sixteen_bits_is_flagged_and_close(quantized: QuantFactory) -> None:
 
 def test_unsupported_activation_is_named() -> None:
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.SiLU(), nn.Flatten(), nn.Linear(2 * 6 * 6, 3)).eval()
-    quantize_(model, QuantConfig.from_bits(8, 8))
-    calibrate(model, [torch.randn(4, 1, 8, 8)], 1)
-    convert(model)
+    model = ptq(model, QuantConfig.from_bits(8, 8), [torch.randn(4, 1, 8, 8)]).model
     with pytest.raises(BitsweepError, match="SiLU"):
         run_integer(model, torch.randn(2, 1, 8, 8))

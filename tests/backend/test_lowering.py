@@ -10,11 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from bitsweep.errors import BitsweepError
 from bitsweep.backend import lowering as lw
-from bitsweep.quant.inspect import weight_layers
+from bitsweep.backend.intref import compare
 from bitsweep.backend.simulate import build
-from bitsweep.quant import QuantConfig, calibrate, convert, quantize_
+from bitsweep.errors import BitsweepError
+from bitsweep.quant import QuantConfig, ptq
+from bitsweep.quant.inspect import weight_layers
 
 QuantFactory = Callable[..., tuple[nn.Module, QuantConfig]]
 
@@ -50,20 +51,32 @@ def test_plan_is_the_same_for_every_bit_width(quantized: QuantFactory) -> None:
     assert len(plans) == 1
 
 
-def test_functional_add_is_refused_with_one_error() -> None:
-    class Res(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = nn.Conv2d(1, 1, 3, padding=1)
+class _Res(nn.Module):
+    def __init__(self, op: str) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 3, padding=1)
+        self.op = op
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.op == "add":
             return self.conv(x) + x
+        return self.conv(x) * x  # a product of two tensors: no integer form here
 
-    model = Res().eval()
-    quantize_(model, QuantConfig.from_bits(8, 8))
-    calibrate(model, [torch.randn(4, 1, 8, 8)], 1)
-    convert(model)
-    with pytest.raises(BitsweepError):
+
+def _converted(model: nn.Module) -> nn.Module:
+    return ptq(model, QuantConfig.from_bits(8, 8), [torch.randn(4, 1, 8, 8)]).model
+
+
+def test_functional_add_lowers_to_one_add_step_and_is_exact() -> None:
+    model = _converted(_Res("add").eval())
+    program = lw.lower(model, torch.zeros(1, 1, 8, 8))
+    assert [type(s).__name__ for s in program.steps].count("AddGrids") == 1
+    assert compare(model, [torch.randn(6, 1, 8, 8)]).max_logit_diff == 0.0
+
+
+def test_unsupported_op_is_refused_with_one_error_naming_it() -> None:
+    model = _converted(_Res("mul").eval())
+    with pytest.raises(BitsweepError, match="mul"):
         lw.lower(model, torch.zeros(1, 1, 8, 8))
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bitsweep.errors import BitsweepError
 from bitsweep.backend.program import Grid, apply_op
+from bitsweep.errors import BitsweepError
 
 
 def test_grid_amax_covers_both_ends() -> None:

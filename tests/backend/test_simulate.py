@@ -11,7 +11,7 @@ from torch import nn
 from bitsweep.backend.intref import run_integer
 from bitsweep.backend.lowering import lower
 from bitsweep.backend.simulate import CompiledRunner, Simulator, evaluation_model, int8_convolutions_exact, simulate
-from bitsweep.quant import QuantConfig, calibrate, convert, quantize_
+from bitsweep.quant import QuantConfig, ptq
 
 QuantFactory = Callable[..., tuple[nn.Module, QuantConfig]]
 
@@ -34,6 +34,7 @@ def test_activation_bits_change_the_simulation(quantized: QuantFactory) -> None:
     assert not torch.equal(a8, a2)
 
 
+@pytest.mark.slow  # torch.compile
 def test_compiled_runner_pads_and_compiles_once(quantized: QuantFactory) -> None:
     x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     runner = CompiledRunner(batch_size=8)
@@ -45,9 +46,7 @@ def test_compiled_runner_pads_and_compiles_once(quantized: QuantFactory) -> None
 
 def test_unsupported_models_fall_back_to_fake_quant_and_say_so() -> None:
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.SiLU(), nn.Flatten(), nn.Linear(2 * 6 * 6, 3)).eval()
-    quantize_(model, QuantConfig.from_bits(8, 8))
-    calibrate(model, [torch.randn(4, 1, 8, 8)], 1)
-    convert(model)
+    model = ptq(model, QuantConfig.from_bits(8, 8), [torch.randn(4, 1, 8, 8)]).model
     evaluated, kind = evaluation_model(model, torch.zeros(1, 1, 8, 8))
     assert evaluated is model
     assert kind.startswith("fake-quant") and "SiLU" in kind

@@ -52,6 +52,17 @@ def test_quantize_writes_checkpoint_and_record(checkpoint: Path, tmp_path: Path,
     assert state["quantizers"]["features.0.0"]["bits"] == 8
     record = json.loads(out.with_suffix(".json").read_text())
     assert record["summary"]["weight_quantizers"] and 0 <= record["quantized"]["test"]["top1"] <= 100
+    assert record["quant_config"]["method"] == "rtn" and record["calibration_batches"] == 1
+
+
+def test_calibration_batches_recorded_as_seen(checkpoint: Path, tmp_path: Path, capsys) -> None:
+    """Asking for 1000 batches of a 500-image split in batches of 100 calibrates on (and records) 5."""
+    out = tmp_path / "q.pt"
+    rc = main(["quantize", str(checkpoint), "--calib-batches", "1000", "--batch-size", "100", "--output", str(out),
+               "--device", "cpu"])  # fmt: skip
+    assert rc == 0
+    assert "calibrated on 5 batches" in capsys.readouterr().out
+    assert json.loads(out.with_suffix(".json").read_text())["calibration_batches"] == 5
 
 
 @pytest.mark.parametrize(
@@ -60,6 +71,7 @@ def test_quantize_writes_checkpoint_and_record(checkpoint: Path, tmp_path: Path,
         (["--weight-bits", "0"], "1 to 16"),
         (["--activation-bits", "17"], "1 to 16"),
         (["--observer", "bogus"], "observer"),
+        (["--method", "bogus"], "unknown post-training method 'bogus'; choose one of rtn"),
         (["--calib-batches", "0"], "calib-batches"),
         (["--override", "nonsense"], "PATTERN"),
         (["--override", "*=skip"], "nothing was quantized"),
@@ -74,15 +86,14 @@ def test_bad_input_is_one_line_error(checkpoint: Path, tmp_path: Path, capsys, e
 
 
 def test_fractional_bits_rejected_by_parser(checkpoint: Path, capsys) -> None:
-    with pytest.raises(SystemExit) as e:
-        main(["quantize", str(checkpoint), "--weight-bits", "2.5"])
-    assert e.value.code == 2 and "invalid int value" in capsys.readouterr().err
+    assert main(["quantize", str(checkpoint), "--weight-bits", "2.5"]) == 2
+    assert "invalid int value" in capsys.readouterr().err
 
 
 def test_quantized_checkpoint_round_trips(checkpoint: Path, tmp_path: Path) -> None:
+    from bitsweep.artifacts import load, quantized_state, save_quantized
     from bitsweep.data import TensorLoader
-    from bitsweep.quant import QuantConfig, calibrate, convert, quantize_
-    from bitsweep.artifacts.quantized import load_quantized, quantized_state, save_quantized
+    from bitsweep.quant import QuantConfig, ptq
     from bitsweep.training import load_model
     from bitsweep.training.checkpoint import load_checkpoint
 
@@ -91,10 +102,10 @@ def test_quantized_checkpoint_round_trips(checkpoint: Path, tmp_path: Path) -> N
     x = TensorLoader(splits.test, 32, mean=info.mean, std=info.std)
     batch = next(iter(x))[0]
     cfg = QuantConfig.from_bits(3, 5, "per_tensor", "percentile")
-    summary = quantize_(model, cfg)
-    calibrate(model, x, 2)
-    convert(model)
+    result = ptq(model, cfg, x, num_batches=2)
+    assert result.calibration_batches == 2
+    summary = result.summary
     path = save_quantized(tmp_path / "q.pt", quantized_state(model, cfg, load_checkpoint(checkpoint), summary))
-    loaded, state = load_quantized(path)
-    assert state["quant_config"]["weight"]["granularity"] == "per_tensor"
-    torch.testing.assert_close(loaded(batch), model(batch), atol=0, rtol=0)
+    loaded = load(path)
+    assert loaded.kind == "quantized" and loaded.quant_config.weight.granularity == "per_tensor"
+    torch.testing.assert_close(loaded.model(batch), model(batch), atol=0, rtol=0)

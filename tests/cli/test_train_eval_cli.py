@@ -9,9 +9,12 @@ import pytest
 import torch
 import yaml
 
+from bitsweep.artifacts import save_checkpoint
 from bitsweep.cli import main
 from bitsweep.cli.quickstart import quickstart_config
-from bitsweep.config import from_dict, RunConfig, to_dict
+from bitsweep.config import DataConfig, ModelConfig, RunConfig, from_dict, to_dict
+from bitsweep.data import load_dataset
+from bitsweep.models import create_model
 from bitsweep.runtime import torch_threads
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -146,3 +149,27 @@ def test_quickstart_one_epoch(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert f"run directory: {run_dir}" in out and (run_dir / "best.pt").is_file()
     evaluation = json.loads((run_dir / "eval.json").read_text())
     assert evaluation["test"]["images"] == 360  # digits test split
+
+
+@pytest.mark.parametrize("value, what", [(float("nan"), "2 NaN values"), (float("inf"), "2 infinite values")])
+def test_damaged_weights_stop_every_command_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], value: float, what: str
+) -> None:
+    config = RunConfig(data=DataConfig(name="synthetic"), model=ModelConfig(width=0.25))
+    splits = load_dataset(config.data)
+    model = create_model("mobilenetv2", splits.num_classes, splits.in_channels, width=0.25)
+    state = model.state_dict()
+    key = "features.3.conv.0.0.weight"
+    state[key].view(-1)[:2] = value
+    ckpt = tmp_path / "run" / "best.pt"
+    save_checkpoint(ckpt, {"config": to_dict(config), "dataset": splits.meta(), "model_state": state, "epoch": 1,
+                           "metrics": {}})  # fmt: skip
+    want = (f"layer {key} has {what}; the checkpoint is damaged or training diverged; retrain or pick an "
+            "earlier checkpoint")  # fmt: skip
+    out = tmp_path / "out"
+    bits = ["--weight-bits", "4", "--activation-bits", "8"]
+    commands = {"eval": [], "quantize": ["--output", str(out / "q.pt")],
+                "export": [*bits, "--output", str(out / "m.st")], "sweep": [*bits, "--output", str(out)]}  # fmt: skip
+    for command, extra in commands.items():
+        assert _error(capsys, [command, str(ckpt), *extra], command) == f"bitsweep {command}: error: {want}"
+    assert not out.exists() and sorted(p.name for p in ckpt.parent.iterdir()) == ["best.pt"]

@@ -243,3 +243,14 @@ def test_python_folder_preferred_and_val_split(tmp_path: Path) -> None:
     shutil.copytree(tmp_path / "cifar-10-batches-py", tmp_path / "cifar-10-batches-bin")  # would fail as binary
     splits = load_dataset(DataConfig(name="cifar10", data_dir=str(tmp_path), download=False, val_size=5), seed=3)
     assert (len(splits.train), len(splits.val), len(splits.test)) == (15, 5, TEST_IMAGES)
+
+
+@pytest.mark.parametrize(("key", "value"), [("data", [["a"] * 3072] * 4), ("labels", ["cat"] * 4)])
+def test_batch_entries_that_are_not_numbers(tmp_path: Path, key: str, value: object) -> None:
+    make_cifar10(tmp_path, "python")
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    batch = pickle.loads(path.read_bytes())
+    batch[key] = value
+    _dump(path, batch)
+    with pytest.raises(BitsweepError, match=f"data_batch_3' has {key if key == 'data' else repr(key)} that are not"):
+        load_dataset(DataConfig(name="cifar10", data_dir=str(tmp_path), download=False))

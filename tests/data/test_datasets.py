@@ -168,3 +168,11 @@ def test_real_fashion_mnist(tmp_path: Path) -> None:
     _check_splits(s, (55000, 5000, 10000), (1, 28, 28))
     assert torch.bincount(s.test.labels).tolist() == [1000] * 10
     assert abs(s.mean[0] - 0.286) < 0.002 and abs(s.std[0] - 0.353) < 0.002
+
+
+def test_wrong_idx_magic_is_named_not_called_truncated(tmp_path: Path) -> None:
+    arrays = _write_tiny_fashion(tmp_path, compress=False)
+    labels = arrays["train-labels-idx1-ubyte"]
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(_idx(labels))  # a labels file where images belong
+    with pytest.raises(BitsweepError, match=r"has magic number 00000801 \(1-d\), expected 00000803 \(3-d\)"):
+        load_dataset(DataConfig(name="fashion_mnist", data_dir=str(tmp_path), download=False))

@@ -10,7 +10,7 @@ from bitsweep.data import DatasetSplits, ImageSet, TensorLoader
 
 
 def _collect(loader: TensorLoader) -> tuple[torch.Tensor, torch.Tensor]:
-    xs, ys = zip(*loader)
+    xs, ys = zip(*loader, strict=True)
     return torch.cat(xs), torch.cat(ys)
 
 

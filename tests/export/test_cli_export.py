@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from bitsweep.artifacts import load, load_packed
+from bitsweep.artifacts.quantized import quantized_state
 from bitsweep.cli import main
 from bitsweep.config import DataConfig, ModelConfig, RunConfig, to_dict
-from bitsweep.artifacts.loading import load_quantized
 from bitsweep.measure.summary import describe_compression
-from bitsweep.artifacts.packed import load_packed
-from bitsweep.quant import QuantConfig, calibrate, convert, quantize_
-from bitsweep.artifacts.quantized import quantized_state
 from bitsweep.models import create_model
+from bitsweep.quant import QuantConfig, ptq
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +23,7 @@ def qcheckpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, nn.Modu
     torch.manual_seed(0)
     model = create_model("mobilenetv2", 10, 1, width=0.25).eval()
     config = QuantConfig.from_bits(4, 8)
-    summary = quantize_(model, config)
-    calibrate(model, [torch.randn(16, 1, 8, 8) for _ in range(2)], 2)
-    convert(model)
+    summary = ptq(model, config, [torch.randn(16, 1, 8, 8) for _ in range(2)]).summary
     run = RunConfig(data=DataConfig(name="digits"), model=ModelConfig(width=0.25))
     source = {"format": "bitsweep-checkpoint", "config": to_dict(run), "version": 1, "epoch": 0, "metrics": {},
               "dataset": {"name": "digits", "num_classes": 10, "in_channels": 1, "image_size": [8, 8],
@@ -39,11 +35,12 @@ def qcheckpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, nn.Modu
 
 def test_load_quantized_reproduces_logits(qcheckpoint: tuple[Path, nn.Module]) -> None:
     path, model = qcheckpoint
-    loaded, meta = load_quantized(path)
+    loaded = load(path)
     x = torch.randn(6, 1, 8, 8)
     with torch.no_grad():
-        assert torch.equal(model(x), loaded(x))
-    assert meta.architecture.options["width"] == 0.25 and meta.architecture.image_size == (8, 8)
+        assert torch.equal(model(x), loaded.model(x))
+    assert loaded.kind == "quantized" and loaded.quant_config == QuantConfig.from_bits(4, 8)
+    assert loaded.record.options["width"] == 0.25 and loaded.record.image_size == (8, 8)
 
 
 def test_export_packed(qcheckpoint: tuple[Path, nn.Module], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

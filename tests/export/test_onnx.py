@@ -62,7 +62,7 @@ def test_weights_are_stored_as_integers_and_sub8_has_clip(tmp_path: Path, quanti
     assert all(np.abs(onnx.numpy_helper.to_array(i)).max() <= 7 for i in weights)
     assert not any(i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 4 for i in proto.graph.initializer)
     ops = [n.op_type for n in proto.graph.node]
-    q_then_clip = sum(1 for a, b in zip(proto.graph.node, proto.graph.node[1:])
+    q_then_clip = sum(1 for a, b in zip(proto.graph.node, proto.graph.node[1:], strict=False)
                       if a.op_type == "QuantizeLinear" and b.op_type == "Clip")  # fmt: skip
     assert q_then_clip == ops.count("QuantizeLinear")  # every 4-bit quantizer is clamped to its grid
 

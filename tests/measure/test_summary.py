@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 from torch import nn
 
-from bitsweep.artifacts.packed import Architecture, PackedMeta, save_packed
+from bitsweep.artifacts import ModelRecord, PackedMeta, save_packed
 from bitsweep.measure.summary import compression_summary
 from bitsweep.quant import QuantConfig
 
 
 def test_summary_figures(
-    tmp_path: Path, quantized: Callable[..., tuple[nn.Module, QuantConfig]], arch: Architecture
+    tmp_path: Path, quantized: Callable[..., tuple[nn.Module, QuantConfig]], arch: ModelRecord
 ) -> None:
     model, config = quantized(4, 8)
     meta = PackedMeta(arch, config)

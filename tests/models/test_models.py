@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bitsweep.errors import BitsweepError
-from bitsweep.models import create_model, list_models
+from bitsweep.models import channels_last_hazard, create_model, list_models, to_channels_last
 from bitsweep.models.mobilenetv2 import Add
 from bitsweep.runtime import torch_threads
 
@@ -41,7 +41,7 @@ def test_forward_shapes(name: str, channels: int, size: int) -> None:
 def test_train_step_reduces_loss_and_accepts_channels_last(name: str) -> None:
     torch.manual_seed(0)
     model = create_model(name, num_classes=3, in_channels=1, width=0.25, dropout=0.0)
-    model = model.to(memory_format=torch.channels_last)
+    model = to_channels_last(model)
     x = torch.randn(12, 1, 8, 8).contiguous(memory_format=torch.channels_last)
     y = torch.arange(12) % 3
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -104,3 +104,34 @@ def test_unknown_model_names_the_choices() -> None:
 def test_bad_options_raise_user_errors(name: str, options: dict, message: str) -> None:
     with pytest.raises(BitsweepError, match=message):
         create_model(name, num_classes=10, **options)
+
+
+def test_to_channels_last_guards_only_the_strided_pointwise_convs_with_few_channels() -> None:
+    # ResNet-20 at width 0.25: 4 -> 8 and 8 -> 16 stride-2 shortcuts; only the first has < 8 input channels.
+    model = create_model("resnet20", num_classes=3, in_channels=1, width=0.25)
+    hazards = [n for n, m in model.named_modules() if channels_last_hazard(m)]
+    assert hazards == ["layers.3.shortcut.0"]
+    assert not any(channels_last_hazard(m) for m in create_model("resnet20", num_classes=3).modules())
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    to_channels_last(to_channels_last(model))  # twice: hooks are added once
+    guarded = model.get_submodule("layers.3.shortcut.0")
+    assert len(guarded._forward_pre_hooks) == 1 and len(guarded._forward_hooks) == 1
+    assert guarded.weight.stride() == (4, 1, 1, 1)  # NCHW strides, so oneDNN takes its padded NCHW kernel
+    assert model.get_submodule("layers.3.conv1.0").weight.is_contiguous(memory_format=torch.channels_last)
+    assert all(torch.equal(reference[k], v) for k, v in model.state_dict().items())
+
+
+def test_guarded_convolution_computes_the_same_and_returns_channels_last() -> None:
+    torch.manual_seed(0)
+    plain = torch.nn.Conv2d(4, 8, kernel_size=1, stride=2, bias=False)
+    guarded = to_channels_last(torch.nn.Conv2d(4, 8, kernel_size=1, stride=2, bias=False))
+    guarded.load_state_dict(plain.state_dict())
+    x = torch.randn(12, 4, 8, 8).contiguous(memory_format=torch.channels_last)
+    out = guarded(x.requires_grad_())
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, plain(x))
+    out.sum().backward()
+    ref = x.detach().clone().requires_grad_()
+    plain(ref).sum().backward()
+    torch.testing.assert_close(guarded.weight.grad, plain.weight.grad)
+    torch.testing.assert_close(x.grad, ref.grad)

@@ -21,14 +21,13 @@ from bitsweep.quant import (
     calibrate,
     convert,
     fold_batchnorm,
+    ptq,
     quantize_,
 )
 
 
 def _prepare(model: nn.Module, images: torch.Tensor, w: int, a: int, **kw: object) -> nn.Module:
-    quantize_(model, QuantConfig.from_bits(w, a, **kw))  # type: ignore[arg-type]
-    calibrate(model, [images[:8], images[8:]], num_batches=2)
-    return convert(model)
+    return ptq(model, QuantConfig.from_bits(w, a, **kw), [images[:8], images[8:]]).model  # type: ignore[arg-type]
 
 
 def test_every_activation_site_of_mobilenetv2_is_quantized(mbv2: nn.Module) -> None:
@@ -190,9 +189,7 @@ def test_leaky_relu_is_not_fused(images: torch.Tensor) -> None:
     from bitsweep.quant import QuantOutput
 
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.LeakyReLU(0.1), nn.Conv2d(4, 2, 3)).eval()
-    quantize_(model, QuantConfig.from_bits(8, 4))
-    calibrate(model, [images], 1)
-    convert(model)
+    model = ptq(model, QuantConfig.from_bits(8, 4), [images]).model
     assert isinstance(model[1], QuantOutput) and not model[1].fused
 
 

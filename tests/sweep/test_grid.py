@@ -1,9 +1,15 @@
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from bitsweep.errors import BitsweepError
-from bitsweep.sweep.grid import AXES, Cell, baseline_cell, expand_grid
+from bitsweep.sweep.grid import AXES, ID_BASE_AXES, Cell, baseline_cell, expand_grid
+
+# Written by `bitsweep sweep` at commit 78a637c, before the method axis existed (5 cells of a tiny model).
+V1_RESULTS = Path(__file__).parent / "data" / "v1_results.jsonl"
 
 
 def test_expand_full_grid_has_baseline_first_and_every_combination() -> None:
@@ -17,7 +23,12 @@ def test_expand_full_grid_has_baseline_first_and_every_combination() -> None:
 
 def test_extra_axes_multiply_and_duplicates_collapse() -> None:
     cells = expand_grid(
-        {"weight_bits": [4, 4, 8], "activation_bits": [8], "granularity": ["per_channel", "per_tensor"], "observer": ["minmax", "mse"]},
+        {
+            "weight_bits": [4, 4, 8],
+            "activation_bits": [8],
+            "granularity": ["per_channel", "per_tensor"],
+            "observer": ["minmax", "mse"],
+        },
         include_baseline=False,
     )
     assert len(cells) == 2 * 2 * 2
@@ -28,10 +39,11 @@ def test_cell_id_is_stable_and_depends_on_every_axis() -> None:
     base = Cell(4, 8)
     assert base.cell_id == Cell(4, 8, "per_channel", "minmax", True).cell_id
     assert len(base.cell_id) == 12 and int(base.cell_id, 16) >= 0
-    variants = [Cell(4, 4), Cell(8, 8), Cell(4, 8, granularity="per_tensor"), Cell(4, 8, observer="mse"), Cell(4, 8, symmetric=False)]
-    assert len({base.cell_id, *(v.cell_id for v in variants)}) == 6
+    variants = [Cell(4, 4), Cell(8, 8), Cell(4, 8, granularity="per_tensor"), Cell(4, 8, observer="mse"),
+                Cell(4, 8, symmetric=False), Cell(4, 8, method="adaround")]  # fmt: skip
+    assert len({base.cell_id, *(v.cell_id for v in variants)}) == 7
     # the id is a content hash, fixed across processes and releases (resume depends on it)
-    assert Cell(4, 8).cell_id == "%s" % Cell.from_dict(Cell(4, 8).to_dict()).cell_id
+    assert Cell(4, 8).cell_id == Cell.from_dict(Cell(4, 8).to_dict()).cell_id
 
 
 def test_from_dict_ignores_metric_columns() -> None:
@@ -55,3 +67,33 @@ def test_from_dict_ignores_metric_columns() -> None:
 def test_bad_grids_raise_clear_errors(axes, needle) -> None:
     with pytest.raises(BitsweepError, match=needle):
         expand_grid(axes)
+
+
+def test_ids_are_pinned_so_results_files_resume_across_releases() -> None:
+    # literal values: any change to how ids are computed must fail here, not in a user's resumed sweep
+    assert Cell(4, 8).cell_id == "aaa650f0ed0c"
+    assert baseline_cell().cell_id == "b90da22e87b4"
+
+
+def test_an_axis_at_its_default_stays_out_of_the_id() -> None:
+    assert Cell(4, 8, method="rtn").cell_id == Cell(4, 8).cell_id
+    assert "method" not in Cell(4, 8).id_fields() and Cell(4, 8, method="gptq").id_fields()["method"] == "gptq"
+    assert set(ID_BASE_AXES) <= set(AXES) and "method" in AXES
+    # the row still records every axis, default or not
+    assert Cell(4, 8).to_dict()["method"] == "rtn"
+    assert Cell(4, 8, method="gptq").label == "W4A8 per_channel minmax gptq"
+    assert Cell(4, 8).label == "W4A8 per_channel minmax"
+    with pytest.raises(ValueError, match="method"):
+        Cell(4, 8, method="")
+
+
+def test_rows_written_before_the_method_axis_keep_their_ids() -> None:
+    header, *rows = (json.loads(line) for line in V1_RESULTS.read_text().splitlines())
+    assert len(rows) == 5 and all("method" not in r for r in rows)
+    for row in rows:
+        cell = Cell.from_dict(row)
+        assert cell.method == "rtn"  # what these rows were computed with
+        assert cell.cell_id == row["cell_id"]
+    # the same grid expanded today, with the new axis at its default, is exactly the finished cells
+    cells = expand_grid({**header["grid"], "method": ["rtn"]})
+    assert [c.cell_id for c in cells] == [r["cell_id"] for r in rows]

@@ -8,12 +8,17 @@ from bitsweep.errors import BitsweepError
 from bitsweep.sweep.pareto import dominates, pareto_front, recommend
 
 points = st.lists(
-    st.tuples(st.integers(1, 50), st.floats(0, 100, allow_nan=False).map(lambda x: round(x, 1))), min_size=0, max_size=30
+    st.tuples(st.integers(1, 50), st.floats(0, 100, allow_nan=False).map(lambda x: round(x, 1))),
+    min_size=0,
+    max_size=30,
 )
 
 
 def _rows(pts):
-    return [{"cell_id": str(i), "weight_bits": 4, "activation_bits": 8, "size_bytes": s, "val_top1": a} for i, (s, a) in enumerate(pts)]
+    return [
+        {"cell_id": str(i), "weight_bits": 4, "activation_bits": 8, "size_bytes": s, "val_top1": a}
+        for i, (s, a) in enumerate(pts)
+    ]
 
 
 @settings(max_examples=200, deadline=None)
@@ -31,7 +36,7 @@ def test_front_points_are_not_dominated_and_everything_else_is(pts) -> None:
             assert any(dominates(q, p) for q in fpts) or p in fpts
     # sorted by size, accuracy strictly increasing along the front, no duplicates
     assert [p[0] for p in fpts] == sorted(p[0] for p in fpts)
-    assert all(b[1] > a[1] and b[0] > a[0] for a, b in zip(fpts, fpts[1:]))
+    assert all(b[1] > a[1] and b[0] > a[0] for a, b in zip(fpts, fpts[1:], strict=False))
 
 
 @settings(max_examples=200, deadline=None)
@@ -66,7 +71,14 @@ def test_equal_sizes_prefer_fewer_activation_bits() -> None:
 def test_recommend_skips_baseline_and_rows_without_figures() -> None:
     rows = [
         {"label": "FP32", "weight_bits": None, "activation_bits": None, "size_bytes": 1, "val_top1": 99.0},
-        {"label": "W4A8", "weight_bits": 4, "activation_bits": 8, "size_bytes": 10, "val_top1": 98.5, "test_top1": 98.1},
+        {
+            "label": "W4A8",
+            "weight_bits": 4,
+            "activation_bits": 8,
+            "size_bytes": 10,
+            "val_top1": 98.5,
+            "test_top1": 98.1,
+        },
         {"label": "W2A8", "weight_bits": 2, "activation_bits": 8, "size_bytes": 5, "val_top1": 90.0},
         {"label": "broken", "weight_bits": 1, "activation_bits": 8, "size_bytes": None, "val_top1": 99.0},
     ]

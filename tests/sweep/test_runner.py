@@ -14,6 +14,7 @@ from bitsweep.errors import BitsweepError
 from bitsweep.sweep.grid import expand_grid
 from bitsweep.sweep.results import make_header, read_results
 from bitsweep.sweep.runner import ExecutorConfig, run_sweep
+
 from sweep_fakes import FakeFactory, fake_metrics, logged_ids
 
 HERE = Path(__file__).resolve().parent
@@ -29,7 +30,7 @@ def test_local_sweep_writes_consistent_jsonl_and_csv(tmp_path: Path) -> None:
     assert json.loads(lines[0])["identity"] == HEADER["identity"]
     assert len(lines) == 1 + len(cells)
     rows = out.results.rows
-    for cell, row in zip(cells, rows):
+    for cell, row in zip(cells, rows, strict=True):
         assert row["cell_id"] == cell.cell_id
         assert row["weight_bits"] == cell.weight_bits and row["activation_bits"] == cell.activation_bits
         assert row["val_top1"] == fake_metrics(cell)["val_top1"]
@@ -61,6 +62,7 @@ def test_interrupted_sweep_resumes_only_missing_cells(tmp_path: Path) -> None:
     assert again.ran == () and len(logged_ids(log)) == len(cells) - 3
 
 
+@pytest.mark.slow  # spawns processes
 def test_killed_sweep_process_resumes(tmp_path: Path) -> None:
     path = tmp_path / "results.jsonl"
     script = textwrap.dedent(
@@ -71,7 +73,7 @@ def test_killed_sweep_process_resumes(tmp_path: Path) -> None:
         from bitsweep.sweep.runner import run_sweep
         from sweep_fakes import FakeFactory
         run_sweep(expand_grid({GRID!r}), FakeFactory(sleep=0.4), {str(path)!r},
-                  make_header({HEADER['identity']!r}), progress=False)
+                  make_header({HEADER["identity"]!r}), progress=False)
         """
     )
     proc = subprocess.Popen([sys.executable, "-c", script])
@@ -96,6 +98,20 @@ def test_killed_sweep_process_resumes(tmp_path: Path) -> None:
     assert set(logged_ids(log)) == {c.cell_id for c in cells} - before
     assert sorted(r["cell_id"] for r in out.results.rows) == sorted(c.cell_id for c in cells)
     assert all(json.loads(line) for line in path.read_text().splitlines())
+
+
+def test_results_written_before_the_method_axis_resume_without_recomputing(tmp_path: Path) -> None:
+    # The checked-in file was written by the code before `method` existed; today's grid adds the axis.
+    path = tmp_path / "results.jsonl"
+    path.write_bytes((HERE / "data" / "v1_results.jsonl").read_bytes())
+    old = read_results(path)
+    cells = expand_grid({**old.header["grid"], "method": ["rtn"]})
+    log = tmp_path / "log"
+    log.mkdir()
+    out = run_sweep(cells, FakeFactory(log_dir=str(log)), path, old.header, progress=False)
+    assert out.ran == () and logged_ids(log) == []
+    assert set(out.skipped) == old.finished_ids and len(out.skipped) == len(cells) == 5
+    assert out.results.rows == old.rows
 
 
 def test_resume_from_another_checkpoint_is_refused(tmp_path: Path) -> None:
@@ -125,6 +141,7 @@ def test_user_error_in_a_cell_stops_with_its_message(tmp_path: Path) -> None:
     assert len(read_results(tmp_path / "r.jsonl").rows) == 1  # the baseline finished and was kept
 
 
+@pytest.mark.slow  # spawns processes
 def test_process_executor_runs_each_cell_once(tmp_path: Path) -> None:
     cells = expand_grid(GRID)
     log = tmp_path / "log"
@@ -138,6 +155,7 @@ def test_process_executor_runs_each_cell_once(tmp_path: Path) -> None:
     assert ex.threads_per_worker() == 1
 
 
+@pytest.mark.slow  # spawns processes
 def test_process_executor_reports_worker_errors(tmp_path: Path) -> None:
     cells = expand_grid({"weight_bits": [4], "activation_bits": [8]}, include_baseline=False)
     ex = ExecutorConfig(kind="process", jobs=2)
@@ -155,6 +173,7 @@ def test_executor_config_validation() -> None:
     assert ExecutorConfig(jobs=3).effective_kind == "process"
 
 
+@pytest.mark.slow  # starts Ray
 @pytest.mark.timeout(120)
 def test_ray_executor_on_a_local_instance(tmp_path: Path) -> None:
     ray = pytest.importorskip("ray")

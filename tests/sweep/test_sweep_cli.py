@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 
 from bitsweep.cli import main
+from bitsweep.sweep.evaluate import file_sha256
+from bitsweep.sweep.lock import sweep_lock
 from bitsweep.sweep.results import read_results
+
+V1_RESULTS = Path(__file__).parent / "data" / "v1_results.jsonl"  # written before the method axis existed
+V1_ARGS = ["--weight-bits", "2,8", "--activation-bits", "8", "--granularity", "per_channel,per_tensor", "--limit", "64",
+           "--calib-batches", "2", "--calib-batch-size", "32", "--batch-size", "64", "--no-packed"]  # fmt: skip
 
 ARGS = ["--weight-bits", "2,8", "--activation-bits", "8", "--limit", "64", "--calib-batches", "2",
         "--calib-batch-size", "32", "--batch-size", "64"]  # fmt: skip
@@ -76,6 +82,7 @@ def test_sweep_refuses_results_of_another_checkpoint(
     [
         (["--weight-bits", "0"], "1 to 16"),
         (["--observer", "bogus"], "unknown observer 'bogus'"),
+        (["--methods", "bogus"], "method 'bogus'"),
         (["--granularity", "per_row"], "granularity"),
         (["--jobs", "0"], "--jobs must be a positive"),
         (["--max-drop", "-1"], "max-drop"),
@@ -97,3 +104,37 @@ def test_missing_checkpoint_and_missing_results(tmp_path: Path, capsys: pytest.C
     assert "not found" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "nope.jsonl")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_results_from_before_the_method_axis_resume_with_nothing_recomputed(
+    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "sweep"
+    out.mkdir()
+    lines = V1_RESULTS.read_text().splitlines()
+    header = json.loads(lines[0])
+    # The file names the checkpoint by its bytes, which torch.save does not reproduce exactly across runs;
+    # point it at this session's (identically built) checkpoint. Cell ids are what is under test.
+    header["identity"]["checkpoint_sha256"] = file_sha256(tiny_checkpoint)
+    (out / "results.jsonl").write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    rc = main(["sweep", str(tiny_checkpoint), *V1_ARGS, "--methods", "rtn", "--output", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert "0 cell(s) evaluated, 5 resumed" in text
+    assert len(read_results(out / "results.jsonl").rows) == 5
+    assert "W8A8 per_channel minmax" in (out / "report.md").read_text()
+
+
+def test_a_folder_in_use_by_another_sweep_is_one_line_and_exit_2(
+    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "sweep"
+    with sweep_lock(out):
+        rc = main(["sweep", str(tiny_checkpoint), *ARGS, "--output", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.strip().splitlines() == [
+        f"bitsweep sweep: error: '{out}' is in use by another sweep (pid {os.getpid()}); "
+        "wait for it or choose another --output"
+    ]
+    assert not (out / "results.jsonl").exists() and not (out / "report.html").exists()

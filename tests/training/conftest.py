@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from bitsweep.config import AugmentConfig, DataConfig, ModelConfig, RunConfig, TrainConfig
 from bitsweep.data import DatasetSplits, load_dataset
@@ -33,8 +32,9 @@ def _tiny_config(tmp_path, epochs: int = 3, **train: object) -> RunConfig:
     return RunConfig(
         data=DataConfig(name="synthetic", augment=AugmentConfig(crop_padding=2, hflip=True)),
         model=ModelConfig(name="vgg16", width=0.125, dropout=0.1),
-        train=TrainConfig(epochs=epochs, batch_size=32, lr=0.05, warmup_epochs=1, eval_batch_size=64,
-                          tensorboard=False, **train),  # type: ignore[arg-type]
+        train=TrainConfig(
+            epochs=epochs, batch_size=32, lr=0.05, warmup_epochs=1, eval_batch_size=64, tensorboard=False, **train
+        ),  # type: ignore[arg-type]
         seed=3,
         device="cpu",
         output_dir=str(tmp_path),

@@ -8,11 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from bitsweep.training import load_checkpoint
 
 
+@pytest.mark.slow  # torchrun: two subprocesses
 def test_torchrun_two_processes_on_cpu(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [

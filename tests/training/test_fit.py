@@ -9,11 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
+from torch import nn
 
 from bitsweep.config import ModelConfig
 from bitsweep.data import DatasetSplits
 from bitsweep.errors import BitsweepError
+from bitsweep.models import create_model
 from bitsweep.training import fit, load_checkpoint, load_model
 
 
@@ -113,3 +116,40 @@ def test_resume_from_best_is_refused(full_run) -> None:
     config, result = full_run
     with pytest.raises(BitsweepError, match="no optimizer state"):
         fit(config, resume=result.best_checkpoint, progress=False)
+
+
+def test_a_passed_model_is_trained_with_a_custom_loss(tmp_path: Path, tiny_splits, tiny_config) -> None:
+    """fit(model=..., loss_fn=...): that model object is trained with that loss, and its checkpoints restore it."""
+    config = tiny_config(tmp_path, epochs=1)
+    torch.manual_seed(0)
+    # Not what the config builds (width 0.125): the same registry model at other layer shapes.
+    model = create_model("vgg16", tiny_splits.num_classes, tiny_splits.in_channels, width=0.25, dropout=0.1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls: list[tuple[int, ...]] = []
+
+    def loss_fn(logits: torch.Tensor, targets: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(images.shape))
+        return F.cross_entropy(logits, targets) + 0.01 * logits.pow(2).mean()
+
+    result = fit(config, run_dir=tmp_path / "run", splits=tiny_splits, progress=False, model=model, loss_fn=loss_fn)
+    assert calls == [(32, tiny_splits.in_channels, *tiny_splits.image_size)] * 3  # 96 images, batches of 32
+    best = load_checkpoint(result.best_checkpoint)
+    state = model.state_dict()
+    assert best["model_state"].keys() == state.keys()
+    assert all(torch.equal(best["model_state"][k], state[k].cpu()) for k in state)  # the passed model, trained
+    assert any(not torch.equal(before[k], state[k].cpu()) for k in state)
+    restored, info = load_model(result.best_checkpoint)
+    assert info.model.name == "vgg16"
+    assert all(torch.equal(restored.state_dict()[k], state[k].cpu()) for k in state)  # rebuilt at width 0.25
+
+
+def test_loss_without_images_and_default_loss_match(tmp_path: Path, tiny_splits, tiny_config) -> None:
+    """A two-argument loss gets (logits, targets); the label-smoothed default gives the same run as passing it."""
+    config = tiny_config(tmp_path, epochs=1)
+    smoothing = config.train.label_smoothing
+    default = fit(config, run_dir=tmp_path / "a", splits=tiny_splits, progress=False)
+    explicit = fit(config, run_dir=tmp_path / "b", splits=tiny_splits, progress=False,
+                   loss_fn=nn.CrossEntropyLoss(label_smoothing=smoothing))  # fmt: skip
+    assert default.metrics[0]["train_loss"] == explicit.metrics[0]["train_loss"]
+    a, b = load_checkpoint(default.last_checkpoint), load_checkpoint(explicit.last_checkpoint)
+    assert all(torch.equal(a["model_state"][k], b["model_state"][k]) for k in a["model_state"])

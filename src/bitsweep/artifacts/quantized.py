@@ -1,10 +1,11 @@
-"""Quantized checkpoints: a plain dict that ``torch.load(weights_only=True)`` reads, and its loader.
+"""Quantized checkpoints: a plain dict that ``torch.load(weights_only=True)`` reads.
 
 Layout: ``format: "bitsweep-quantized"``, ``version``, ``quant_config`` (``to_dict(QuantConfig)``),
 ``quantizers`` (module name -> spec fields, plus ``kind`` and, for activations, ``site``), ``summary``,
 ``model_state`` (converted state: float weights, integer weights ``*.weight_quantizer.q``, every scale and
-zero_point) and ``source`` (the float checkpoint's config, dataset, epoch and metrics), so the model can be
-rebuilt from the file alone.
+zero_point), ``model_record`` (the float network's :class:`~bitsweep.artifacts.record.ModelRecord`) and
+``source`` (the float checkpoint's config, dataset, epoch and metrics), so the model can be rebuilt from the
+file alone. Files written before ``model_record`` existed get the record derived from ``source``.
 """
 
 from __future__ import annotations
@@ -16,28 +17,44 @@ from typing import Any
 import torch
 from torch import nn
 
+from bitsweep.artifacts.checkpoint import record_of
+from bitsweep.artifacts.record import ModelRecord, check_finite, state_bound
+from bitsweep.artifacts.restore import build_converted
 from bitsweep.config import from_dict, to_dict
 from bitsweep.errors import BitsweepError
 from bitsweep.io import atomic_path
-from bitsweep.quant.api import QuantSummary, quantize_
+from bitsweep.quant.api import QuantSummary
 from bitsweep.quant.config import QuantConfig
-from bitsweep.quant.modules import ActivationQuantizer, QuantConv2d, QuantLinear, QuantOutput
-from bitsweep.quant.spec import QuantSpec
+from bitsweep.quant.inspect import activation_quantizers, weight_layers
 
 FORMAT, VERSION = "bitsweep-quantized", 1
 SOURCE_KEYS = ("format", "version", "config", "dataset", "epoch", "metrics")
 
 
 def quantized_state(
-    model: nn.Module, config: QuantConfig, source: dict[str, Any], summary: QuantSummary
+    model: nn.Module,
+    config: QuantConfig,
+    source: dict[str, Any],
+    summary: QuantSummary,
+    record: ModelRecord | None = None,
 ) -> dict[str, Any]:
-    """The checkpoint dict of a converted ``model`` quantized with ``config`` from the float checkpoint ``source``."""
+    """The checkpoint dict of a converted ``model`` quantized with ``config`` from the float checkpoint ``source``.
+
+    Args:
+        model: the converted model.
+        config: its recipe.
+        source: the float checkpoint dict (or the ``meta`` of :func:`bitsweep.artifacts.load`).
+        summary: what ``quantize_`` did.
+        record: the float network's record; None derives it from ``source``.
+    """
     specs: dict[str, dict[str, Any]] = {}
-    for name, m in model.named_modules():
-        if isinstance(m, ActivationQuantizer):
-            specs[name] = {"kind": "activation", "site": m.site, **dataclasses.asdict(m.spec)}
-        elif isinstance(m, (QuantConv2d, QuantLinear)):
-            specs[name] = {"kind": "weight", **dataclasses.asdict(m.weight_quantizer.spec)}
+    aq: Any
+    m: Any
+    for name, aq in activation_quantizers(model):
+        specs[name] = {"kind": "activation", "site": getattr(aq, "site", ""), **dataclasses.asdict(aq.spec)}
+    for name, m in weight_layers(model):
+        specs[name] = {"kind": "weight", **dataclasses.asdict(m.weight_quantizer.spec)}
+    record = record if record is not None else record_of(source)
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -45,6 +62,7 @@ def quantized_state(
         "quantizers": specs,
         "summary": summary.to_dict(),
         "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "model_record": record.to_dict(),
         "source": {k: v for k, v in source.items() if k in SOURCE_KEYS},
     }
 
@@ -56,49 +74,30 @@ def save_quantized(path: str | Path, state: dict[str, Any]) -> Path:
     return Path(path)
 
 
-def load_quantized(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a converted model from a quantized checkpoint; returns (model in eval mode, the checkpoint dict).
+def restore_quantized(state: dict[str, Any], where: str | Path) -> tuple[nn.Module, ModelRecord, QuantConfig]:
+    """Rebuild the converted model of a quantized checkpoint dict (eval mode, CPU).
 
     Raises:
-        BitsweepError: for a missing, unreadable or non-quantized checkpoint.
+        BitsweepError: a wrong version, non-finite values, or a state that does not fit its record.
     """
-    from bitsweep.training.checkpoint import build_model, checkpoint_info
-
+    if state.get("version") != VERSION:
+        raise BitsweepError(
+            f"quantized checkpoint '{where}' has format version {state.get('version')}, this "
+            f"bitsweep reads {VERSION}; run 'bitsweep quantize' again"
+        )
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise BitsweepError(f"quantized checkpoint '{path}' not found") from None
-    except Exception as e:  # noqa: BLE001 - corrupt or foreign file
-        raise BitsweepError(f"'{path}' is not a readable checkpoint: {str(e).splitlines()[0]}") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise BitsweepError(f"'{path}' is not a quantized checkpoint; make one with 'bitsweep quantize'")
-    config = from_dict(QuantConfig, state["quant_config"])
-    model = build_model(checkpoint_info(state["source"])).eval()
-    quantize_(model, config)
-    restore_converted(model, state["model_state"], state["quantizers"])
-    return model.to(device), state
-
-
-def restore_converted(model: nn.Module, model_state: dict[str, torch.Tensor], specs: dict[str, dict[str, Any]]) -> None:
-    """Load a converted state into a model prepared with the same config, and re-freeze every quantizer."""
-    for name, m in model.named_modules():
-        prefix = f"{name}." if name else ""
-        if isinstance(m, (QuantConv2d, QuantLinear)):
-            wq = m.weight_quantizer
-            wq.spec = _spec(specs[name])
-            wq.q = model_state[prefix + "weight_quantizer.q"].clone()
-            wq.scale = model_state[prefix + "weight_quantizer.scale"].clone()
-            wq.zero_point = model_state[prefix + "weight_quantizer.zero_point"].clone()
-    model.load_state_dict(model_state)
-    for name, m in model.named_modules():
-        if isinstance(m, ActivationQuantizer):
-            m.set_qparams(_spec(specs[name]), m.scale, m.zero_point)
-        elif isinstance(m, (QuantConv2d, QuantLinear)):
-            m.refresh()
-    for m in model.modules():
-        if isinstance(m, QuantOutput):
-            m.try_fuse()
-
-
-def _spec(d: dict[str, Any]) -> QuantSpec:
-    return QuantSpec(**{f.name: d[f.name] for f in dataclasses.fields(QuantSpec)})
+        model_state, specs = state["model_state"], state["quantizers"]
+        source = state.get("source", {})
+        record = ModelRecord.from_dict(state["model_record"]) if "model_record" in state else record_of(source)
+        config = from_dict(QuantConfig, state["quant_config"])
+    except (KeyError, TypeError) as e:
+        raise BitsweepError(f"quantized checkpoint '{where}' lacks {e}; run 'bitsweep quantize' again") from None
+    if not isinstance(model_state, dict) or not isinstance(specs, dict):
+        raise BitsweepError(f"quantized checkpoint '{where}' is damaged; run 'bitsweep quantize' again")
+    check_finite(model_state)
+    record.check_size(state_bound(model_state))
+    try:
+        model = build_converted(record, config, model_state, specs)
+    except BitsweepError as e:
+        raise BitsweepError(f"'{where}' does not fit the model it names ({e}); run 'bitsweep quantize' again") from None
+    return model, record, config

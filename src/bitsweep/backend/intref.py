@@ -16,6 +16,7 @@ reports how often and by how much they differ.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -23,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bitsweep.errors import BitsweepError
 from bitsweep.backend import lowering as lw
+from bitsweep.errors import BitsweepError
 
 
 def round_shift(value: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -132,6 +133,15 @@ class Agreement:
         return asdict(self)
 
 
+def image_batches(batches: Any, max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """``(images, labels or None)`` on the CPU in float32 from tensors or ``(images, labels)`` pairs, up to a count."""
+    for i, batch in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            break
+        x, y = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
+        yield x.cpu().float(), y
+
+
 @torch.no_grad()
 def compare(model: nn.Module, batches: Any, max_batches: int | None = None) -> Agreement:
     """Run the integer-exact simulation, the integer reference and the fake-quant model on the same images.
@@ -149,11 +159,7 @@ def compare(model: nn.Module, batches: Any, max_batches: int | None = None) -> A
     max_diff = sum_diff = fq_max = 0.0
     program: lw.Program | None = None
     sim: Simulator | None = None
-    for i, batch in enumerate(batches):
-        if max_batches is not None and i >= max_batches:
-            break
-        x, y = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
-        x = x.cpu().float()
+    for x, y in image_batches(batches, max_batches):
         if program is None:
             program = lw.lower(model, x)
             sim = Simulator(program)
@@ -177,7 +183,10 @@ def compare(model: nn.Module, batches: Any, max_batches: int | None = None) -> A
         n += x.shape[0]
     if n == 0 or program is None:
         raise BitsweepError("no images to compare; give at least one batch")
-    pct = lambda k: 100.0 * k / n  # noqa: E731
+
+    def pct(k: int) -> float:
+        return 100.0 * k / n
+
     return Agreement(
         images=n,
         top1_agreement=pct(agree),

@@ -2,8 +2,10 @@
 
 A converted model describes *what* to quantize; a deployment needs *how*:
 integer weights and biases, one fixed-point multiplier per requantization,
-integer clamp bounds. :func:`lower` walks the traced model once and writes
-that down as a flat list of steps with all constants computed offline. Two
+integer clamp bounds. :func:`lower` walks the model's classified graph once
+(:mod:`bitsweep.quant.graph`, :func:`bitsweep.quant.walk.walk`: the same walk
+the ONNX exporter makes) and writes that down as a flat list of steps with
+all constants computed offline. Two
 executors run the same steps with different arithmetic:
 
 * :mod:`bitsweep.backend.intref` - the integer reference: int64 tensors,
@@ -25,35 +27,35 @@ Values between steps are *centered integers* ``q - zero_point`` on a grid
   accumulator (29 bits at 8-bit widths); ``q = clamp(floor(acc * m0 /
   2**shift + 1/2), lo, hi)``; ReLU/ReLU6/Hardtanh fold into ``lo``/``hi``;
   binary (1-bit signed) grids take ``+1 if acc >= 0 else -1``;
-* residual add: ``clamp(floor((a * ma + b * mb) / 2**p + 1/2), lo, hi)`` with
+* residual add (an ``Add`` module, ``a + b`` or ``torch.add``, followed by its quantizer):
+  ``clamp(floor((a * ma + b * mb) / 2**p + 1/2), lo, hi)`` with
   integer ``ma, mb`` (``p`` up to 30 bits, chosen so the sum stays below 2**52);
-* average pooling: the integer window sum, then requantization by ``s / (s_o * window)``;
-* max pooling, flatten, reshape, dropout, identity: on the integers;
+* average pooling (modules, ``F.adaptive_avg_pool2d``, ``F.avg_pool2d``, ``x.mean((2, 3))``):
+  the integer window sum, then requantization by ``s / (s_o * window)``;
+* max pooling, flatten, reshape, dropout, identity (modules, functions or methods): on the integers;
 * logits: ``acc * s_x s_w`` (or ``q * s``) in float64, then float32.
 
-Not supported (BitsweepError naming the op): activations other than
-ReLU/ReLU6/Hardtanh (SiLU, Hardswish need lookup tables), functional adds
-outside a quantized ``Add`` module, unquantized float layers, untraceable models.
+Not supported (BitsweepError naming the op): activations other than clamps
+(ReLU, ReLU6, Hardtanh, ``F.relu6``, ``clamp``: SiLU, Hardswish need lookup
+tables), unquantized float layers, shape computations, untraceable models.
 """
 
 from __future__ import annotations
 
 import math
-import operator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
 
-from bitsweep.errors import BitsweepError
-from bitsweep.quant.inspect import is_activation_quantizer, is_weight_layer
 from bitsweep.backend.program import (  # re-exported: executors reach the steps through this module
     FLOAT32_EXACT,
     FLOAT64_EXACT,
     Acc,
-    AddGrids,
     Accumulate,
+    AddGrids,
     Apply,
     ClampInts,
     Grid,
@@ -66,30 +68,16 @@ from bitsweep.backend.program import (  # re-exported: executors reach the steps
     apply_op,
     channel_view,
 )
+from bitsweep.errors import BitsweepError
+from bitsweep.quant.graph import NodeInfo, Op, classify, trace, traced_root
+from bitsweep.quant.inspect import is_weight_layer
+from bitsweep.quant.modules import ActivationQuantizer
+from bitsweep.quant.walk import walk
 
 __all__ = [
     "FLOAT32_EXACT", "FLOAT64_EXACT", "Acc", "AddGrids", "Accumulate", "Apply", "ClampInts", "Grid", "Output",
-    "PoolSum", "Program", "QuantizeInput", "Requantize", "Step", "apply_op", "channel_view", "clamp_bounds", "fixed_point", "lower",
-    "trace_quantized",
+    "PoolSum", "Program", "QuantizeInput", "Requantize", "Step", "apply_op", "channel_view", "fixed_point", "lower",
 ]  # fmt: skip
-
-class _Tracer(fx.Tracer):
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if is_weight_layer(m) or is_activation_quantizer(m) or hasattr(m, "output_quantizer"):
-            return True
-        return super().is_leaf_module(m, qualname)
-
-
-def trace_quantized(model: nn.Module, purpose: str) -> fx.Graph:
-    """The fx graph of a converted model with quantized layers and quantizers kept opaque.
-
-    Shared by the lowering and the ONNX exporter, which walk the same graph;
-    ``purpose`` names the caller in the one-line error for untraceable models.
-    """
-    try:
-        return _Tracer().trace(model)
-    except Exception as e:  # fx raises many types
-        raise BitsweepError(f"cannot trace {type(model).__name__} for {purpose}: {e}") from None
 
 
 def fixed_point(multiplier: torch.Tensor, bound: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,13 +95,14 @@ def fixed_point(multiplier: torch.Tensor, bound: int) -> tuple[torch.Tensor, tor
     m0 = torch.round(mant * 2.0**precision).to(torch.int64)
     shift = precision - exp.to(torch.int64)
     if bool((shift < 1).any()):
-        raise BitsweepError(f"a requantization multiplier of {float(multiplier.max()):.3g} is too large for fixed point")
+        big = float(multiplier.max())
+        raise BitsweepError(f"a requantization multiplier of {big:.3g} is too large for fixed point; reduce bit widths")
     # Past a 62-bit shift every |acc * m0| < 2**53 rounds to 0: say so exactly (and keep int64 shifts defined).
     tiny = shift > 62
     return torch.where(tiny, 0, m0), torch.where(tiny, 1, shift)
 
 
-def _grid_of(quantizer: nn.Module) -> Grid:
+def _grid_of(quantizer: ActivationQuantizer) -> Grid:
     spec = quantizer.spec
     z = int(quantizer.zero_point)
     if spec.binary:
@@ -121,7 +110,7 @@ def _grid_of(quantizer: nn.Module) -> Grid:
     return Grid(float(quantizer.scale), spec.qmin - z, spec.qmax - z)
 
 
-def _grid_bound(value: float, quantizer: nn.Module) -> int:
+def _grid_bound(value: float, quantizer: ActivationQuantizer) -> int:
     """The centered output-grid integer of a real clamp bound (quantized offline, fake-quant formula)."""
     g = _grid_of(quantizer)
     if math.isinf(value):
@@ -131,38 +120,41 @@ def _grid_bound(value: float, quantizer: nn.Module) -> int:
     return int(min(max(int(q.item()), g.lo), g.hi))
 
 
-_CLAMPS = {nn.ReLU: (0.0, math.inf), nn.ReLU6: (0.0, 6.0)}
-_CLAMP_FNS = {F.relu: (0.0, math.inf), torch.relu: (0.0, math.inf), F.relu6: (0.0, 6.0)}
-_SHAPE_METHODS = {"flatten", "view", "reshape", "contiguous", "squeeze"}
+@dataclass(frozen=True)
+class _PendingAdd:
+    """``a + b`` of two grids, written as one AddGrids step once the output grid is known."""
 
-
-def clamp_bounds(m: nn.Module) -> tuple[float, float] | None:
-    """Real bounds of a clamp-like module (ReLU, ReLU6, Hardtanh), else None."""
-    if isinstance(m, nn.Hardtanh) and not isinstance(m, nn.ReLU6):
-        return float(m.min_val), float(m.max_val)
-    for cls, b in _CLAMPS.items():
-        if isinstance(m, cls):
-            return b
-    return None
+    a: str
+    b: str
 
 
 class _Lowering:
-    """Walks the graph, tracks what each value is (float, Grid, Acc) and emits steps."""
+    """The lowering's :class:`~bitsweep.quant.walk.Emitter`: tracks each value (float, Grid, Acc), emits steps."""
 
-    def __init__(self, model: nn.Module) -> None:
-        self.mods = dict(model.named_modules())
+    purpose = "the integer lowering"
+
+    def __init__(self) -> None:
         self.steps: list[Step] = []
         self.kinds: dict[str, Any] = {}
         self.inexact: list[str] = []
         self.count = 0
+        self.program: Program | None = None
 
     def _new(self, base: str) -> str:
         self.count += 1
         return f"{base}#{self.count}"
 
-    def to_grid(self, name: str, quantizer: nn.Module) -> str:
+    def _value(self, name: str) -> Any:
+        v = self.kinds[name]
+        if isinstance(v, _PendingAdd):
+            raise BitsweepError("the integer lowering needs an activation quantizer right after every residual add")
+        return v
+
+    def quantize(self, name: str, quantizer: ActivationQuantizer, node_name: str = "") -> str:
         """Emit what moves value ``name`` onto ``quantizer``'s grid; returns the new value's name."""
         v, g = self.kinds[name], _grid_of(quantizer)
+        if isinstance(v, _PendingAdd):
+            return self._add(v, quantizer)
         dst = self._new(name)
         if v == "float":
             self.steps.append(QuantizeInput(name, dst, quantizer.scale.float().reshape(()), g.lo, g.hi, g.binary))
@@ -177,7 +169,7 @@ class _Lowering:
         return dst
 
     def _requant(
-        self, src: str, dst: str, scale: torch.Tensor, bound: int, dim: int, g: Grid, quantizer: nn.Module,
+        self, src: str, dst: str, scale: torch.Tensor, bound: int, dim: int, g: Grid, quantizer: ActivationQuantizer,
         lo: float = -math.inf, hi: float = math.inf,
     ) -> Requantize:  # fmt: skip
         m0, shift = fixed_point(scale / g.scale, bound)
@@ -188,10 +180,10 @@ class _Lowering:
         q_hi = min(g.hi, _grid_bound(hi, quantizer))
         return Requantize(src, dst, m0, shift, q_lo, q_hi, dim)
 
-    def weighted(self, target: str, m: nn.Module, name: str) -> str:
-        if m.input_quantizer is not None:
-            name = self.to_grid(name, m.input_quantizer)
-        x = self.kinds[name]
+    def weight(self, name: str, m: nn.Module, target: str) -> str:
+        if not is_weight_layer(m):
+            raise BitsweepError(f"the integer lowering needs every layer quantized; '{target}' is floating point")
+        x = self._value(name)
         if not isinstance(x, Grid):
             raise BitsweepError(f"layer '{target}' receives values that are not quantized")
         wq = m.weight_quantizer
@@ -208,7 +200,7 @@ class _Lowering:
         sums = max(x.amax, 1) * max(int(w.abs().max()), 1) * fan_in
         bound = sums + (int(bias.abs().max()) if bias is not None else 0)
         if bound >= FLOAT64_EXACT:
-            raise BitsweepError(f"layer '{target}': its accumulator (fan-in {fan_in}) may exceed 2**53; reduce bit widths")
+            raise BitsweepError(f"layer {target!r}: its accumulator (fan-in {fan_in}) may exceed 2**53; use fewer bits")
         if sums >= FLOAT32_EXACT and isinstance(m, nn.Conv2d):
             self.inexact.append(target)
         dst = self._new(target)
@@ -217,10 +209,18 @@ class _Lowering:
         step = Accumulate(name, dst, op, w, bias, bound, sums, x.lo, x.hi, *geometry)
         self.steps.append(step)
         self.kinds[dst] = Acc(scale, bound, 4 if isinstance(m, nn.Conv2d) else 2)
-        return self.to_grid(dst, m.output_quantizer) if m.output_quantizer is not None else dst
+        return dst
+
+    def activation(self, name: str, node: NodeInfo, target: str, quantizer: ActivationQuantizer | None) -> str:
+        if node.clamp is None:
+            raise BitsweepError(
+                f"the integer lowering supports clamp-like activations (ReLU, ReLU6, Hardtanh), not '{target}'"
+                f" ({type(getattr(node.module, 'module', node.module)).__name__}); see bitsweep.backend.lowering"
+            )
+        return self.clamp(name, *node.clamp)
 
     def clamp(self, name: str, lo: float, hi: float) -> str:
-        v = self.kinds[name]
+        v = self._value(name)
         if isinstance(v, Acc):
             dst = self._new(name)
             self.kinds[dst] = Acc(v.scale, v.bound, v.dim, max(v.lo, lo), min(v.hi, hi))
@@ -235,44 +235,14 @@ class _Lowering:
             return dst
         raise BitsweepError("the integer lowering met a float tensor where integers were expected")
 
-    def quant_output(self, m: nn.Module, args: list[str], shape: torch.Size | None = None) -> str:
-        if m.input_quantizers is not None:
-            args = [a if isinstance(q, nn.Identity) else self.to_grid(a, q) for a, q in zip(args, m.input_quantizers)]
-        inner, out_q = m.module, m.output_quantizer
-        if out_q is None:
-            raise BitsweepError(f"the integer lowering needs a quantized output after {type(inner).__name__}")
-        bounds = clamp_bounds(inner)
-        if bounds is not None:
-            return self.to_grid(self.clamp(args[0], *bounds), out_q)
-        if isinstance(inner, (nn.AdaptiveAvgPool2d, nn.AvgPool2d)):
-            return self.to_grid(self.avgpool(inner, args[0], shape), out_q)
-        if len(args) == 2 and type(inner).__name__ == "Add":
-            return self.add(args, out_q)
-        raise BitsweepError(f"the integer lowering does not support {type(inner).__name__} (see bitsweep.backend.lowering)")
-
-    def avgpool(self, m: nn.Module, name: str, shape: torch.Size | None) -> str:
-        v = self.kinds[name]
-        if not isinstance(v, Grid):
-            raise BitsweepError("the integer lowering supports average pooling of quantized values only")
-        if isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1)):
-            if shape is None or len(shape) != 4:
-                raise BitsweepError("the integer lowering needs the feature-map size before global average pooling")
-            kernel = stride = None
-            window = int(shape[-1] * shape[-2])
-        elif isinstance(m, nn.AvgPool2d) and m.padding in (0, (0, 0)):
-            kernel = m.kernel_size if isinstance(m.kernel_size, tuple) else (m.kernel_size, m.kernel_size)
-            s = m.stride if m.stride is not None else kernel
-            stride = s if isinstance(s, tuple) else (s, s)
-            window = kernel[0] * kernel[1]
-        else:
-            raise BitsweepError(f"the integer lowering supports global average pooling and AvgPool2d, not {m}")
-        dst = self._new(name)
-        self.steps.append(PoolSum(name, dst, kernel, stride))
-        self.kinds[dst] = Acc(torch.tensor([v.scale / window], dtype=torch.float64), v.amax * window, 4)
+    def add(self, a: str, b: str, target: str) -> str:
+        dst = f"{a}+{b}"
+        self.kinds[dst] = _PendingAdd(a, b)
         return dst
 
-    def add(self, args: list[str], out_q: nn.Module) -> str:
-        a, b = (self.kinds[n] for n in args)
+    def _add(self, pending: _PendingAdd, out_q: ActivationQuantizer) -> str:
+        args = [pending.a, pending.b]
+        a, b = (self._value(n) for n in args)
         if not (isinstance(a, Grid) and isinstance(b, Grid)):
             raise BitsweepError("the integer lowering adds quantized values only")
         g = _grid_of(out_q)
@@ -285,12 +255,55 @@ class _Lowering:
         self.kinds[dst] = g
         return dst
 
+    def pool(self, name: str, node: NodeInfo, target: str, shape: torch.Size | None) -> str:
+        v, p = self._value(name), node.pool
+        if not isinstance(v, Grid):
+            raise BitsweepError("the integer lowering supports average pooling of quantized values only")
+        if p is None:
+            raise BitsweepError(f"the integer lowering supports global and windowed 2-d average pools, not {target!r}")
+        kernel, stride = p.kernel, p.stride
+        window = kernel[0] * kernel[1] if kernel is not None else 0
+        if p.output_size is not None:
+            if shape is None or len(shape) != 4:
+                raise BitsweepError("the integer lowering needs the feature-map size before adaptive average pooling")
+            h, w = int(shape[-2]), int(shape[-1])
+            if h % p.output_size[0] or w % p.output_size[1]:
+                raise BitsweepError(f"'{target}': adaptive pooling of {h}x{w} to {p.output_size} has uneven windows")
+            window = h * w // (p.output_size[0] * p.output_size[1])
+            if p.output_size != (1, 1):  # an even adaptive pooling is a window; (1, 1) stays a global sum
+                kernel = stride = (h // p.output_size[0], w // p.output_size[1])
+        dst = self._new(name)
+        self.steps.append(PoolSum(name, dst, kernel, stride))
+        self.kinds[dst] = Acc(torch.tensor([v.scale / window], dtype=torch.float64), v.amax * window, 4)
+        return dst if p.keepdim else self.passthrough(dst, (("flatten", 1, -1),), target)
+
+    def passthrough(self, name: str, ops: tuple[Op, ...], target: str) -> str:
+        for op in ops:
+            v = self._value(name)
+            dst = self._new(name)
+            self.steps.append(Apply(name, dst, op))
+            flat = isinstance(v, Acc) and op[0] == "flatten"  # (N, C, 1, 1) -> (N, C): channels stay dim 1
+            self.kinds[dst] = Acc(v.scale, v.bound, 2, v.lo, v.hi) if flat else v
+            name = dst
+        return name
+
+    def input(self, node: fx.Node) -> str:
+        self.kinds[node.name] = "float"
+        return node.name
+
+    def output(self, name: str) -> None:
+        v = self._value(name)
+        if isinstance(v, Grid):
+            self.steps.append(Output(name, torch.tensor([v.scale], dtype=torch.float64)))
+        elif isinstance(v, Acc):
+            self.steps.append(Output(name, v.scale, v.lo, v.hi))
+        else:
+            raise BitsweepError("the model's output is not quantized or accumulated; nothing to lower")
+        self.program = Program(tuple(self.steps), tuple(self.inexact))
 
 
 def _input_shapes(model: nn.Module, graph: fx.Graph, example: torch.Tensor) -> dict[str, torch.Size]:
     """Shape of the first input of every node, from one forward pass of the converted model on ``example``."""
-    from torch.fx.passes.shape_prop import ShapeProp
-
     gm = fx.GraphModule(model, graph)
     device = next((t.device for t in model.parameters()), torch.device("cpu"))
     ShapeProp(gm).propagate(example[:1].to(device))
@@ -312,68 +325,15 @@ def lower(model: nn.Module, example: torch.Tensor) -> Program:
     Raises:
         BitsweepError: for an op the integer arithmetic does not cover, naming it.
     """
-    graph = trace_quantized(model, "integer lowering")
+    graph = trace(model, "integer lowering")
+    assert graph is not None
     try:
-        shapes = _input_shapes(model, graph, example.float())
+        shapes = _input_shapes(traced_root(model), graph, example.float())
     except BitsweepError:
         raise
     except Exception as e:  # noqa: BLE001 - a wrong input shape surfaces deep inside a layer
         raise BitsweepError(f"the model does not run on inputs of shape {tuple(example.shape[1:])}: {e}") from None
-    low = _Lowering(model)
-    env: dict[fx.Node, str] = {}
-    for node in graph.nodes:
-        a = [env[n] if isinstance(n, fx.Node) else n for n in node.args]
-        if node.op == "placeholder":
-            env[node] = node.name
-            low.kinds[node.name] = "float"
-        elif node.op == "call_module":
-            m = low.mods[str(node.target)]
-            if is_weight_layer(m):
-                env[node] = low.weighted(str(node.target), m, a[0])
-            elif is_activation_quantizer(m):
-                env[node] = low.to_grid(a[0], m)
-            elif hasattr(m, "output_quantizer") and hasattr(m, "module"):
-                env[node] = low.quant_output(m, a, shapes.get(node.name))
-            elif isinstance(m, (nn.Identity, nn.Dropout)):
-                env[node] = a[0]
-            elif isinstance(m, nn.Flatten):
-                env[node] = _apply(low, a[0], ("flatten", m.start_dim, m.end_dim))
-            elif isinstance(m, nn.MaxPool2d):
-                op = ("maxpool", m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
-                env[node] = _apply(low, a[0], op)
-            elif clamp_bounds(m) is not None:
-                env[node] = low.clamp(a[0], *clamp_bounds(m))
-            else:
-                raise BitsweepError(f"the integer lowering does not support module {type(m).__name__} ('{node.target}')")
-        elif node.op == "call_method" and node.target in _SHAPE_METHODS:
-            if any(isinstance(r, fx.Node) for r in node.args[1:]):
-                raise BitsweepError(f"the integer lowering needs constant arguments to .{node.target}() (e.g. flatten(1))")
-            env[node] = _apply(low, a[0], ("method", str(node.target), tuple(a[1:])))
-        elif node.op == "call_function" and node.target is torch.flatten:
-            start, end = (list(a[1:]) + [0, -1][len(a) - 1 :])[:2]
-            env[node] = _apply(low, a[0], ("flatten", start, end))
-        elif node.op == "call_function" and node.target in _CLAMP_FNS:
-            env[node] = low.clamp(a[0], *_CLAMP_FNS[node.target])
-        elif node.op == "output":
-            v = low.kinds[a[0]]
-            if isinstance(v, Grid):
-                low.steps.append(Output(a[0], torch.tensor([v.scale], dtype=torch.float64)))
-            elif isinstance(v, Acc):
-                low.steps.append(Output(a[0], v.scale, v.lo, v.hi))
-            else:
-                raise BitsweepError("the model's output is not quantized or accumulated; nothing to lower")
-            return Program(tuple(low.steps), tuple(low.inexact))
-        else:
-            name = getattr(node.target, "__name__", str(node.target))
-            if node.target in (operator.add, torch.add):
-                name = "functional add (use a quantized Add module)"
-            raise BitsweepError(f"the integer lowering does not support {node.op} {name}")
-    raise BitsweepError("the model graph has no output")
-
-
-def _apply(low: _Lowering, name: str, op: tuple[Any, ...]) -> str:
-    v = low.kinds[name]
-    dst = low._new(name)
-    low.steps.append(Apply(name, dst, op))
-    low.kinds[dst] = v
-    return dst
+    low = _Lowering()
+    walk(classify(model, graph), low, shapes)
+    assert low.program is not None
+    return low.program

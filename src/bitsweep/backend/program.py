@@ -79,7 +79,10 @@ class Accumulate:
 
 @dataclass(frozen=True)
 class Requantize:
-    """Accumulator or grid -> grid: ``clamp((acc * m0 + 2**(shift-1)) >> shift, lo, hi)`` per channel (round half up)."""
+    """Accumulator or grid -> grid: ``clamp((acc * m0 + 2**(shift-1)) >> shift, lo, hi)`` per channel.
+
+    The shift rounds half up.
+    """
 
     src: str
     dst: str
@@ -136,7 +139,9 @@ class Apply:
 
     src: str
     dst: str
-    op: tuple[Any, ...]  # ("identity",) | ("flatten", start, end) | ("method", name, args) | ("maxpool", k, s, p, d, ceil)
+    op: tuple[
+        Any, ...
+    ]  # ("identity",) | ("flatten", start, end) | ("method", name, args) | ("maxpool", k, s, p, d, ceil)
 
 
 @dataclass(frozen=True)
@@ -178,7 +183,8 @@ def apply_op(op: tuple[Any, ...], t: torch.Tensor) -> torch.Tensor:
     if kind == "flatten":
         return t.flatten(op[1], op[2])
     if kind == "method":
-        return getattr(t, op[1])(*op[2])
+        out: torch.Tensor = getattr(t, op[1])(*op[2])
+        return out
     if kind == "maxpool":
         return F.max_pool2d(t, op[1], op[2], op[3], op[4], op[5])
     raise BitsweepError(f"unknown integer op {kind!r}")

@@ -197,7 +197,9 @@ def run(plan: Plan, tensors: list[torch.Tensor], x: torch.Tensor) -> torch.Tenso
         elif kind == "output":
             _, src, k = step
             v = env[src].double()
-            flat = v.reshape(v.shape[0], -1) if v.dim() > 2 and v.shape[2:].numel() == 1 else v  # (N, C, 1, 1) -> (N, C)
+            flat = (
+                v.reshape(v.shape[0], -1) if v.dim() > 2 and v.shape[2:].numel() == 1 else v
+            )  # (N, C, 1, 1) -> (N, C)
             scale = t[k] if flat.dim() == 2 else t[k].reshape(-1)
             out = torch.minimum(torch.maximum(flat * scale, t[k + 1]), t[k + 2]).float().reshape(v.shape)
     return out
@@ -290,10 +292,13 @@ class CompiledRunner:
     def __call__(self, sim: Simulator, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         if self.eager or n > self.batch_size:
-            return sim(x)
+            eager: torch.Tensor = sim(x)
+            return eager
         if n < self.batch_size:  # pad to the compiled shape; padded rows are dropped
             pad = x.new_zeros((self.batch_size - n, *x.shape[1:]))
-            x = torch.cat([x, pad]).contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.contiguous_format)
+            x = torch.cat([x, pad]).contiguous(
+                memory_format=torch.channels_last if x.dim() == 4 else torch.contiguous_format
+            )
         try:
             with _exact_float(x):
                 out = self._fn(sim.plan)(sim.tensors, x)

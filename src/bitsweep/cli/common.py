@@ -1,31 +1,81 @@
-"""Argument helpers shared by the command modules."""
+"""Argument helpers shared by the command modules: list parsing, threads, output checks."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
+from pathlib import Path
 
 from bitsweep.errors import BitsweepError
+from bitsweep.quant.spec import MAX_BITS, MIN_BITS
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows every option's default and keeps the description's line breaks."""
+    """Shows every option's default once and keeps the description's line breaks.
+
+    A help string that explains its default in words ("default: beside the
+    input") is left alone, and so are options whose default is no value (None,
+    False, an empty list); list defaults are shown as typed (``1,2,4``).
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        help_text = action.help or ""
+        if "default" in help_text or action.default in (None, False, [], argparse.SUPPRESS):
+            return help_text
+        if isinstance(action.default, (list, tuple)):
+            return f"{help_text} (default: {','.join(map(str, action.default))})"
+        return super()._get_help_string(action)
 
 
 def add_command(
-    subparsers: argparse._SubParsersAction, name: str, help: str, description: str | None = None
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    help: str,
+    description: str | None = None,
 ) -> argparse.ArgumentParser:
     """Add a sub-command parser with the house formatter (defaults shown in --help)."""
     return subparsers.add_parser(name, help=help, description=description or help, formatter_class=HelpFormatter)
 
 
 def int_list(text: str) -> list[int]:
-    """Parse ``"1,2,4"`` into ``[1, 2, 4]`` with a clear error for anything else."""
+    """Parse ``"1,2,4"`` into ``[1, 2, 4]``; empty items and repeated values are refused.
+
+    >>> int_list("4,8")
+    [4, 8]
+    >>> int_list("4,,8")
+    Traceback (most recent call last):
+    ...
+    argparse.ArgumentTypeError: empty item in '4,,8'; write comma-separated whole numbers like 1,2,4
+    """
+    items = [v.strip() for v in text.split(",")]
+    if any(not v for v in items):
+        raise argparse.ArgumentTypeError(f"empty item in '{text}'; write comma-separated whole numbers like 1,2,4")
     try:
-        values = [int(v) for v in text.split(",") if v.strip()]
+        values = [int(v) for v in items]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers like 1,2,4,8, got '{text}'") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one value")
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        twice = ", ".join(map(str, repeated))
+        raise argparse.ArgumentTypeError(f"{twice} given twice in '{text}'; list each value once")
+    return values
+
+
+def bit_list(text: str) -> list[int]:
+    """:func:`int_list` of bit widths, each from 1 to 16.
+
+    >>> bit_list("4,32")
+    Traceback (most recent call last):
+    ...
+    argparse.ArgumentTypeError: bit width 32 in '4,32' is out of range; bit widths are 1 to 16
+    """
+    values = int_list(text)
+    for v in values:
+        if not MIN_BITS <= v <= MAX_BITS:
+            raise argparse.ArgumentTypeError(
+                f"bit width {v} in '{text}' is out of range; bit widths are {MIN_BITS} to {MAX_BITS}"
+            )
     return values
 
 
@@ -42,3 +92,51 @@ def require_positive(name: str, value: int) -> int:
     if value <= 0:
         raise BitsweepError(f"{name} must be a positive whole number, got {value}")
     return value
+
+
+def add_threads_option(parser: argparse.ArgumentParser, note: str = "") -> None:
+    """``--threads``: torch threads; the CLI's ``main`` resolves and applies it before the command runs.
+
+    Args:
+        parser: The command's parser.
+        note: Added to the help text (what the command does with the count).
+    """
+    parser.add_argument(
+        "--threads", type=int, default=None, metavar="N",
+        help=f"torch CPU threads{note} (default: the cores not kept busy by other processes per the load average, "
+        "at least 1)",
+    )  # fmt: skip
+
+
+def check_writable(folder: str | Path, option: str) -> Path:
+    """Fail now, before any work, unless files can be created in ``folder`` (made later if missing).
+
+    The check writes and removes one empty file in the nearest folder that
+    exists, so it sees what a real write would see (read-only mounts, a file
+    where a folder should be, root's permissions), and creates nothing else.
+
+    Args:
+        folder: Where the command will write (created by the command if missing).
+        option: The option that chose it, named in the message (``--output``).
+
+    Returns:
+        ``folder`` as a Path.
+    """
+    path = Path(folder)
+    existing = path
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise BitsweepError(f"cannot write to {path} ({option}): {existing} is a file, not a folder; "
+                            "choose another path")  # fmt: skip
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".bitsweep-write-check-", dir=existing)
+    except OSError as e:
+        raise BitsweepError(
+            f"cannot write to {path} ({option}): {e.strerror or e} in {existing}; choose a folder you can write to"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
+    return path

@@ -9,10 +9,15 @@ from argparse import SUPPRESS
 from pathlib import Path
 from typing import Any
 
-from bitsweep.cli.common import add_command, require_positive
+import torch
+
+from bitsweep.cli.common import add_command, add_threads_option, require_positive
+from bitsweep.data import TensorLoader, load_dataset
+from bitsweep.runtime import choose_device
+from bitsweep.training import check_compatible, evaluate, load_model
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``eval`` command."""
     p = add_command(
         subparsers,
@@ -24,6 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="best.pt / last.pt, or a run directory (its best.pt)")
     p.add_argument("--data-dir", default=SUPPRESS, help="where the dataset files are (default: the checkpoint's)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    add_threads_option(p)
     p.add_argument("--batch-size", type=int, default=1024, help="images per evaluation batch")
     p.add_argument("--model", default=SUPPRESS, help="fail unless the checkpoint holds this architecture")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
@@ -38,13 +44,11 @@ def evaluate_checkpoint(
     data_dir: str | None = None,
     expect_model: str | None = None,
 ) -> dict[str, Any]:
-    """Evaluate ``checkpoint`` on its validation and test splits; returns a JSON-ready dict."""
-    import torch
+    """Evaluate ``checkpoint`` on its validation and test splits; returns a JSON-ready dict.
 
-    from bitsweep.data import TensorLoader, load_dataset
-    from bitsweep.runtime import choose_device
-    from bitsweep.training import check_compatible, evaluate, load_model
-
+    The model comes through :func:`bitsweep.artifacts.load` (via ``load_model``), which refuses a
+    damaged checkpoint, NaN/inf weights included, before any image is evaluated.
+    """
     path = Path(checkpoint)
     if path.is_dir():
         path = path / "best.pt"
@@ -55,7 +59,7 @@ def evaluate_checkpoint(
     check_compatible(info, path, num_classes=splits.num_classes, in_channels=splits.in_channels)
     channels_last = info.config.train.channels_last
     if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # missing from the stubs
     results: dict[str, Any] = {"checkpoint": str(path), "model": info.model.name, "dataset": info.data.name,
                                "epoch": info.epoch}  # fmt: skip
     for split in ("val", "test"):

@@ -19,32 +19,44 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from bitsweep.cli.common import add_command, require_positive
+from bitsweep.artifacts import Loaded, PackedMeta, load, load_packed, save_packed
+from bitsweep.backend.intref import compare
+from bitsweep.backend.simulate import evaluation_model
+from bitsweep.cli.common import add_command, add_threads_option, check_writable, require_positive
+from bitsweep.config import DataConfig, from_dict
+from bitsweep.data import TensorLoader, load_dataset
 from bitsweep.errors import BitsweepError
+from bitsweep.export.onnx import check_onnx, export_onnx
+from bitsweep.io import write_json_atomic
+from bitsweep.measure.summary import compression_summary
+from bitsweep.quant import QuantConfig, ptq
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``export`` command."""
-    p = add_command(subparsers, "export", "write a quantized model as a bit-packed file or ONNX QDQ, verified",
-                    description=__doc__)  # fmt: skip
-    p.add_argument("checkpoint", help="a quantized checkpoint from 'bitsweep quantize' (or a float one with --weight-bits)")
+    p = add_command(
+        subparsers, "export", "write a quantized model as a bit-packed file or ONNX QDQ, verified", description=__doc__
+    )
+    p.add_argument(
+        "checkpoint", help="a quantized checkpoint from 'bitsweep quantize' (or a float one with --weight-bits)"
+    )
     p.add_argument("--format", choices=("packed", "onnx"), default="packed", help="output format")
-    p.add_argument("--int8", action="store_true", help="ONNX: int32 biases so onnxruntime runs integer kernels (<=8 bits)")
+    p.add_argument(
+        "--int8", action="store_true", help="ONNX: int32 biases so onnxruntime runs integer kernels (<=8 bits)"
+    )
     p.add_argument("--output", default=None, help="output path (default: beside the checkpoint, .safetensors/.onnx)")
     p.add_argument("--weight-bits", type=int, default=None, help="quantize a float checkpoint to these weight bits")
     p.add_argument("--activation-bits", type=int, default=None, help="... and these activation bits")
     p.add_argument("--calib-batches", type=int, default=16, help="calibration batches (float checkpoints only)")
     p.add_argument("--batch-size", type=int, default=256, help="batch size for calibration and the check")
     p.add_argument("--check-batches", type=int, default=2, help="test batches used to verify the exported file")
+    add_threads_option(p)
     p.set_defaults(func=run)
 
 
-def _check_data(meta: Any, batch_size: int, n: int) -> tuple[Iterator[Any], str]:
+def _check_data(meta: PackedMeta, batch_size: int, n: int) -> tuple[Iterator[Any], str]:
     """Test-split batches of the checkpoint's dataset, or random images when it is not available here."""
-    from bitsweep.config import DataConfig, from_dict
-    from bitsweep.data import TensorLoader, load_dataset
-
-    arch = meta.architecture
+    arch = meta.record
     data = meta.extra.get("data")
     if data:
         try:
@@ -61,27 +73,43 @@ def _check_data(meta: Any, batch_size: int, n: int) -> tuple[Iterator[Any], str]
     return iter(batches), "random images (dataset not available here)"
 
 
+def _quantize_float(
+    loaded: Loaded, weight_bits: int, activation_bits: int, calib_batches: int, batch_size: int
+) -> tuple[torch.nn.Module, QuantConfig]:
+    """PTQ of a float checkpoint with the default recipe, calibrated on its own training split."""
+    try:
+        config = QuantConfig.from_bits(weight_bits, activation_bits)
+    except ValueError as e:
+        raise BitsweepError(str(e)) from None
+    if loaded.data is None:
+        raise BitsweepError(f"'{loaded.path}' names no dataset to calibrate on; quantize it with the Python API")
+    splits = load_dataset(dataclasses.replace(loaded.data, download=False), seed=loaded.seed)
+    record = loaded.record
+    loader = TensorLoader(splits.train, batch_size, mean=record.mean, std=record.std)
+    return ptq(loaded.model, config, loader, num_batches=calib_batches).model, config
+
+
 def run(args: argparse.Namespace) -> int:
     """Load or quantize, export, reload/run the file, compare with the simulation, print the sizes."""
-    from bitsweep.artifacts.loading import load_quantized, quantize_float, read_checkpoint
-    from bitsweep.backend.intref import compare
-    from bitsweep.backend.simulate import evaluation_model
-    from bitsweep.artifacts.packed import load_packed, save_packed
-    from bitsweep.measure.summary import compression_summary
-
     require_positive("--batch-size", args.batch_size)
     require_positive("--check-batches", args.check_batches)
-    fmt = read_checkpoint(args.checkpoint).get("format")
-    if fmt == "bitsweep-quantized":
+    check_writable(Path(args.output).parent if args.output else Path(args.checkpoint).parent, "--output")
+    loaded = load(args.checkpoint)
+    if loaded.kind != "float":
         if args.weight_bits is not None or args.activation_bits is not None:
             raise BitsweepError("this checkpoint is already quantized; drop --weight-bits/--activation-bits")
-        model, meta = load_quantized(args.checkpoint)
+        model, config = loaded.model, loaded.quant_config
     else:
         if args.weight_bits is None or args.activation_bits is None:
-            raise BitsweepError("a float checkpoint needs --weight-bits and --activation-bits (or run 'bitsweep quantize')")
+            raise BitsweepError(
+                "a float checkpoint needs --weight-bits and --activation-bits (or run 'bitsweep quantize')"
+            )
         require_positive("--calib-batches", args.calib_batches)
-        model, meta = quantize_float(args.checkpoint, args.weight_bits, args.activation_bits, args.calib_batches,
-                                     args.batch_size)  # fmt: skip
+        model, config = _quantize_float(
+            loaded, args.weight_bits, args.activation_bits, args.calib_batches, args.batch_size
+        )
+    extra = loaded.meta if loaded.kind == "packed" else loaded.source_meta()
+    meta = PackedMeta(loaded.record, config, extra)
     src = Path(args.checkpoint)
     suffix = ".safetensors" if args.format == "packed" else (".int8.onnx" if args.int8 else ".onnx")
     out = Path(args.output) if args.output else src.with_name(src.stem + suffix)
@@ -106,33 +134,35 @@ def run(args: argparse.Namespace) -> int:
                 n += 1
         if same != n:
             raise BitsweepError(f"reloaded packed model differs from the simulation on {n - same} of {n} batches")
-        print(f"wrote {out}: {info.file_bytes:,} bytes; reloaded logits identical (fake-quant and integer simulation) "
-              f"on {n} batches of {what}")  # fmt: skip
+        print(
+            f"wrote {out}: {info.file_bytes:,} bytes; reloaded logits identical (fake-quant and integer simulation) "
+            f"on {n} batches of {what}"
+        )
         batches, _ = _check_data(meta, args.batch_size, args.check_batches)
         try:
             agreement = compare(model, batches, args.check_batches)
-            print(f"integer reference vs integer simulation: top-1 agreement {agreement.top1_agreement:.2f}% on "
-                  f"{agreement.images} images, max logit difference {agreement.max_logit_diff:.3g} "
-                  f"(fake-quant: {agreement.fakequant_agreement:.2f}%, {agreement.fakequant_max_logit_diff:.3g})")  # fmt: skip
+            fake = f"{agreement.fakequant_agreement:.2f}%, {agreement.fakequant_max_logit_diff:.3g}"
+            print(
+                f"integer reference vs integer simulation: top-1 agreement {agreement.top1_agreement:.2f}% on "
+                f"{agreement.images} images, max logit difference {agreement.max_logit_diff:.3g} (fake-quant: {fake})"
+            )
             record["integer_reference"] = agreement.to_dict()
         except BitsweepError as e:
             print(f"integer reference skipped: {e}")
         summary = compression_summary(model, meta, out)
     else:
-        from bitsweep.export.onnx import check_onnx, export_onnx
-
-        export_onnx(model, out, meta.architecture.input_shape, int8=args.int8)
+        export_onnx(model, out, meta.record.input_shape, int8=args.int8)
         check = check_onnx(out, model, batches, args.check_batches)
         acc = ""
         if check.simulated_top1 is not None:
             acc = f"; top-1 simulation {check.simulated_top1:.2f}% vs onnxruntime {check.onnx_top1:.2f}%"
-        print(f"wrote {out}: {out.stat().st_size:,} bytes; onnxruntime vs fake-quant simulation on {check.images} {what}: "
-              f"top-1 agreement {check.top1_agreement:.2f}%, max logit difference {check.max_logit_diff:.3g}{acc}")  # fmt: skip
+        print(
+            f"wrote {out}: {out.stat().st_size:,} bytes; onnxruntime vs fake-quant simulation on {check.images} "
+            f"{what}: top-1 agreement {check.top1_agreement:.2f}%, max logit difference {check.max_logit_diff:.3g}{acc}"
+        )
         record["onnx_check"] = check.to_dict()
         summary = compression_summary(model, meta)
     print(summary.describe())
     record["compression"] = summary.to_dict()
-    from bitsweep.io import write_json_atomic
-
     write_json_atomic(out.with_name(out.name + ".json"), json.loads(json.dumps(record, default=str)))
     return 0

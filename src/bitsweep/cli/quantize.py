@@ -14,15 +14,24 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
-from bitsweep.cli.common import add_command, require_positive
+from bitsweep.artifacts import load
+from bitsweep.artifacts.quantized import quantized_state, save_quantized
+from bitsweep.backend.simulate import evaluation_model, runner_for
+from bitsweep.cli.common import add_command, add_threads_option, check_writable, require_positive
 from bitsweep.config import to_dict
+from bitsweep.data import TensorLoader, load_dataset
 from bitsweep.errors import BitsweepError
 from bitsweep.io import write_json_atomic
+from bitsweep.measure.summary import describe_compression
+from bitsweep.quant import LayerOverride, QuantConfig, ptq
+from bitsweep.runtime import choose_device
+from bitsweep.training import checkpoint_info, evaluate
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``quantize`` command."""
     p = add_command(subparsers, "quantize", "quantize a trained checkpoint's weights and activations (PTQ)")
     p.add_argument("checkpoint", help="a bitsweep checkpoint (best.pt / last.pt) or a run directory")
@@ -32,30 +41,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="activation bit width, 1..16")  # fmt: skip
     p.add_argument("--granularity", default="per_channel", help="weight scales: per_channel or per_tensor")
     p.add_argument("--observer", default="minmax", help="minmax, moving_average, percentile or mse")
+    p.add_argument("--method", default="rtn", help="post-training method (rtn: round to nearest)")
     p.add_argument("--calib-batches", type=int, default=16, help="calibration batches")
     p.add_argument("--calib-split", default="train", choices=("train", "val"), help="split to calibrate on")
     p.add_argument("--batch-size", type=int, default=256, help="calibration batch size")
     p.add_argument("--eval-batch-size", type=int, default=40,
                    help="evaluation batch size (small batches keep activations in the CPU caches)")  # fmt: skip
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                   help="compile the integer-exact simulation (auto: when evaluating >= 5,000 images; same results)")  # fmt: skip
+                   help="compile the integer-exact simulation "
+                   "(auto: when evaluating >= 5,000 images; same results)")  # fmt: skip
     p.add_argument("--override", action="append", default=[], metavar="PATTERN=W,A",
                    help="per-layer bits by module-name pattern: 'features.0*=8,8' or 'classifier*=skip'")  # fmt: skip
     p.add_argument("--no-fold-bn", action="store_true", help="keep BatchNorm unfolded")
     p.add_argument("--output", default=None, help="quantized checkpoint path (default: beside the input)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    add_threads_option(p)
     p.set_defaults(func=run)
 
 
-def build_config(args: argparse.Namespace) -> Any:
+def build_config(args: argparse.Namespace) -> QuantConfig:
     """The QuantConfig of the command line; bad values become one-line user errors."""
-    from bitsweep.quant import LayerOverride, QuantConfig
-
     try:
         overrides = tuple(LayerOverride.parse(o) for o in args.override)
         return QuantConfig.from_bits(
             args.weight_bits, args.activation_bits, args.granularity, args.observer,
-            fold_bn=not args.no_fold_bn, overrides=overrides,
+            fold_bn=not args.no_fold_bn, overrides=overrides, method=args.method,
         )  # fmt: skip
     except ValueError as e:
         raise BitsweepError(str(e)) from None
@@ -63,20 +73,16 @@ def build_config(args: argparse.Namespace) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Load, calibrate, convert, evaluate FP32 and quantized, write the checkpoint and a JSON record."""
-    from bitsweep.data import TensorLoader, load_dataset
-    from bitsweep.quant import calibrate, convert, quantize_
-    from bitsweep.artifacts.quantized import quantized_state, save_quantized
-    from bitsweep.runtime import choose_device
-    from bitsweep.training import evaluate, load_model
-    from bitsweep.training.checkpoint import load_checkpoint
-
     config = build_config(args)
     require_positive("--calib-batches", args.calib_batches)
     require_positive("--batch-size", args.batch_size)
     require_positive("--eval-batch-size", args.eval_batch_size)
+    src_path = Path(args.checkpoint)  # the output folder must be writable before 80 s of work, not after
+    check_writable(Path(args.output).parent if args.output else src_path.parent if src_path.is_file() else src_path,
+                   "--output")  # fmt: skip
     device = choose_device(args.device)
-    model, info = load_model(args.checkpoint, device=device)
-    source = load_checkpoint(args.checkpoint)
+    loaded = load(args.checkpoint, device, expect="float")  # refuses damaged or NaN/inf weights before any work
+    model, info, source = loaded.model, checkpoint_info(loaded.meta), loaded.meta
     splits = load_dataset(dataclasses.replace(info.data, download=False), seed=info.seed)
 
     def loader(split: Any, shuffle: bool = False, batch_size: int = args.eval_batch_size) -> TensorLoader:
@@ -87,45 +93,41 @@ def run(args: argparse.Namespace) -> int:
         raise BitsweepError(f"the {args.calib_split} split is empty; calibrate on the other one with --calib-split")
     fp = {name: evaluate(model, loader(s), device=device) for name, s in (("val", splits.val), ("test", splits.test))
           if len(s.labels) > 0}  # fmt: skip
-    qmodel = copy.deepcopy(model)
-    summary = quantize_(qmodel, config)
     calib_loader = loader(calib_set, shuffle=True, batch_size=args.batch_size)
     calib = tqdm(calib_loader, total=min(args.calib_batches, len(calib_loader)), desc="calibrate", unit="batch",
                  leave=False)  # fmt: skip
-    calibrate(qmodel, calib, args.calib_batches)
-    convert(qmodel)
+    result = ptq(copy.deepcopy(model), config, calib, num_batches=args.calib_batches)
+    qmodel, summary = result.model, result.summary
     # Quantized accuracy from the integer-exact simulation (what an integer deployment computes).
-    import torch
-
-    from bitsweep.backend.simulate import evaluation_model, runner_for
-
     images = len(splits.val.labels) + len(splits.test.labels)
     runner = runner_for(args.compile, images, args.eval_batch_size)
     example = torch.zeros(1, info.in_channels, *info.image_size, device=device)
     evaluated, simulation = evaluation_model(qmodel, example, runner)
-    qres = {name: evaluate(evaluated, loader(s), device=device) for name, s in (("val", splits.val), ("test", splits.test))
-            if len(s.labels) > 0}  # fmt: skip
+    qres = {name: evaluate(evaluated, loader(s), device=device)
+            for name, s in (("val", splits.val), ("test", splits.test)) if len(s.labels) > 0}  # fmt: skip
 
     print(summary.describe())
+    print(f"calibrated on {result.calibration_batches} batches of {args.calib_split} images "
+          f"(asked for {args.calib_batches}); method {config.method}")  # fmt: skip
     print(f"quantized accuracy from: {simulation} simulation")
     print(f"{'split':<6} {'fp32 top1':>10} {'W' + str(args.weight_bits) + 'A' + str(args.activation_bits):>10}")
     for name in fp:
         print(f"{name:<6} {fp[name].top1:>9.2f}% {qres[name].top1:>9.2f}%")
     src = Path(args.checkpoint)
     stem = src.stem if src.is_file() else "last"
-    out = Path(args.output) if args.output else (src.parent if src.is_file() else src) / (
-        f"{stem}-w{args.weight_bits}a{args.activation_bits}.pt"
+    out = (
+        Path(args.output)
+        if args.output
+        else (src.parent if src.is_file() else src) / (f"{stem}-w{args.weight_bits}a{args.activation_bits}.pt")
     )
-    save_quantized(out, quantized_state(qmodel, config, source, summary))
+    save_quantized(out, quantized_state(qmodel, config, source, summary, loaded.record))
     record = {
         "checkpoint": str(src), "output": str(out), "quant_config": to_dict(config), "summary": summary.to_dict(),
         "fp32": {k: dataclasses.asdict(v) for k, v in fp.items()},
         "quantized": {k: dataclasses.asdict(v) for k, v in qres.items()},
-        "simulation": simulation,
+        "simulation": simulation, "calibration_batches": result.calibration_batches,
     }  # fmt: skip
     write_json_atomic(out.with_suffix(".json"), record)
     print(f"wrote {out} and {out.with_suffix('.json')}")
-    from bitsweep.measure.summary import describe_compression
-
-    print(describe_compression(qmodel, config, source))
+    print(describe_compression(qmodel, config, loaded.record))
     return 0

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from bitsweep.cli.common import add_command
+from bitsweep.cli.common import add_command, check_writable
 from bitsweep.report import build_report
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``report`` command."""
     p = add_command(
         subparsers,
@@ -32,6 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Build the report and print where it is."""
+    results = Path(args.results)
+    check_writable(args.output or (results if results.is_dir() else results.parent), "--output")
     paths = build_report(args.results, args.output, args.max_drop)
     if paths.recommendation is not None:
         print(f"recommended: {paths.recommendation.summary()}")

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from bitsweep.cli.common import add_command, int_list, require_positive, str_list
+from bitsweep.cli.common import add_command, add_threads_option, bit_list, check_writable, require_positive, str_list
 from bitsweep.errors import BitsweepError
+from bitsweep.report import build_report
 from bitsweep.runtime import choose_device
 from bitsweep.sweep.api import format_front, sweep_checkpoint
 from bitsweep.sweep.evaluate import EvalSettings
 from bitsweep.sweep.runner import EXECUTORS, ExecutorConfig
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``sweep`` command."""
     p = add_command(
         subparsers,
@@ -26,18 +28,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "example: bitsweep sweep runs/fm/best.pt --weight-bits 1,2,4,8,16 --activation-bits 1,2,4,8,16 --jobs 2",
     )
     p.add_argument("checkpoint", help="bitsweep checkpoint (best.pt) or run directory")
-    p.add_argument("--weight-bits", type=int_list, default=[1, 2, 4, 8, 16], help="weight bit widths, 1..16")
-    p.add_argument("--activation-bits", type=int_list, default=[1, 2, 4, 8, 16], help="activation bit widths, 1..16")
-    p.add_argument("--granularity", type=str_list, default=["per_channel"], help="weight scales: per_channel,per_tensor")
-    p.add_argument("--observer", type=str_list, default=["minmax"], help="range observers: minmax,moving_average,percentile,mse")
-    p.add_argument("--calib-batches", type=int, default=8, help="calibration batches of training images (collected once)")
+    p.add_argument("--weight-bits", type=bit_list, default=[1, 2, 4, 8, 16], help="weight bit widths, 1..16")
+    p.add_argument("--activation-bits", type=bit_list, default=[1, 2, 4, 8, 16], help="activation bit widths, 1..16")
+    p.add_argument(
+        "--granularity", type=str_list, default=["per_channel"], help="weight scales: per_channel,per_tensor"
+    )
+    p.add_argument(
+        "--observer", type=str_list, default=["minmax"], help="range observers: minmax,moving_average,percentile,mse"
+    )
+    p.add_argument("--methods", type=str_list, default=["rtn"], help="weight rounding methods (rtn: round to nearest)")
+    p.add_argument(
+        "--calib-batches", type=int, default=8, help="calibration batches of training images (collected once)"
+    )
     p.add_argument("--calib-batch-size", type=int, default=256, help="images per calibration batch")
-    p.add_argument("--batch-size", type=int, default=40, help="evaluation batch size (small keeps activations in cache)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N validation and test images (quick checks)")
+    p.add_argument(
+        "--batch-size", type=int, default=40, help="evaluation batch size (small keeps activations in cache)"
+    )
+    p.add_argument(
+        "--limit", type=int, default=None, help="evaluate only the first N validation and test images (quick checks)"
+    )
     p.add_argument("--jobs", type=int, default=1, help="parallel workers (each loads the model and data once)")
-    p.add_argument("--executor", choices=EXECUTORS, default="local", help="where cells run; local with --jobs > 1 uses processes")
-    p.add_argument("--address", default=None, help="Ray cluster address for --executor ray (default: start a local Ray)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads shared by all workers (default: torch's count)")
+    p.add_argument(
+        "--executor", choices=EXECUTORS, default="local", help="where cells run; local with --jobs > 1 uses processes"
+    )
+    p.add_argument(
+        "--address", default=None, help="Ray cluster address for --executor ray (default: start a local Ray)"
+    )
+    add_threads_option(p, ", split between the --jobs workers")
     p.add_argument("--max-drop", type=float, default=1.0, help="accuracy budget: validation top-1 points below FP32")
     p.add_argument("--output", default=None, help="output directory (default: CHECKPOINT's directory/sweep)")
     p.add_argument("--data-dir", default=None, help="dataset files, when not where the checkpoint's config says")
@@ -52,8 +69,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def default_output(checkpoint: str) -> str:
     """``runs/x/best.pt`` -> ``runs/x/sweep``; a run directory -> ``DIR/sweep`` (so a rerun resumes)."""
-    from pathlib import Path
-
     path = Path(checkpoint)
     return str((path if path.is_dir() else path.parent) / "sweep")
 
@@ -72,12 +87,14 @@ def run(args: argparse.Namespace) -> int:
         "activation_bits": args.activation_bits,
         "granularity": args.granularity,
         "observer": args.observer,
+        "method": args.methods,
     }
     output = args.output or default_output(args.checkpoint)
+    check_writable(output, "--output")
     try:
         outcome = sweep_checkpoint(
             args.checkpoint, output, axes, settings, executor, choose_device(args.device), args.data_dir,
-            args.max_drop, report=not args.no_report, keep_packed=not args.no_packed,
+            args.max_drop, keep_packed=not args.no_packed,
         )  # fmt: skip
     except KeyboardInterrupt:
         print(f"sweep interrupted; finished cells are kept in {output}/results.jsonl - rerun the same command "
@@ -90,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
     print(format_front(outcome.front))
     print(f"\nrecommended (max drop {args.max_drop:g}): {outcome.recommendation.summary()}")
     print(f"results: {run_.results.path} and {run_.results.path.with_suffix('.csv')}")
-    if outcome.report_html is not None:
-        print(f"report: {outcome.report_html}")
+    if not args.no_report:
+        # Built here, not by the sweep: the report package reads sweep results, so it sits above it.
+        print(f"report: {build_report(run_.results, output, args.max_drop).html}")
     return 0

@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 from argparse import SUPPRESS
 from pathlib import Path
-from typing import Any
 
-from bitsweep.cli.common import add_command
-from bitsweep.config import RunConfig, apply_overrides, from_dict, load_yaml
+from bitsweep.cli.common import add_command, add_threads_option, check_writable
+from bitsweep.config import RunConfig, apply_overrides, from_dict, load_yaml, set_dotted
+from bitsweep.training import fit, load_checkpoint
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``train`` command."""
     p = add_command(
         subparsers,
@@ -22,8 +22,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "Flags without a default shown take the recipe's value; explicit flags win over --set.\n"
         "Multi-GPU or multi-process: torchrun --nproc_per_node N -m bitsweep train ...",
     )
-    p.add_argument("--config", metavar="YAML", default=SUPPRESS,
-                   help="recipe file; default: built-in defaults (or the resumed run's config)")
+    p.add_argument(
+        "--config",
+        metavar="YAML",
+        default=SUPPRESS,
+        help="recipe file; default: built-in defaults (or the resumed run's config)",
+    )
     p.add_argument("--epochs", type=int, default=SUPPRESS, help="train.epochs")
     p.add_argument("--batch-size", type=int, default=SUPPRESS, help="train.batch_size (per process)")
     p.add_argument("--lr", type=float, default=SUPPRESS, help="train.lr, the peak learning rate")
@@ -32,15 +36,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", default=SUPPRESS, help="data.name: cifar10, cifar100, fashion_mnist, digits, synthetic")
     p.add_argument("--data-dir", default=SUPPRESS, help="data.data_dir, where the dataset files are")
     p.add_argument("--device", default=SUPPRESS, help="device: auto, cpu, cuda, cuda:N, mps")
-    p.add_argument("--seed", type=int, default=SUPPRESS, help="seed (weights, data order, augmentation, validation split)")
+    p.add_argument(
+        "--seed", type=int, default=SUPPRESS, help="seed (weights, data order, augmentation, validation split)"
+    )
     p.add_argument("--output-dir", default=SUPPRESS, help="output_dir, the parent of run directories")
     p.add_argument("--run-name", default=SUPPRESS, help="run_name; default <dataset>-<model>-<timestamp>")
-    p.add_argument("--resume", metavar="PATH", default=SUPPRESS, help="continue a run exactly: its directory or its last.pt")
+    p.add_argument(
+        "--resume", metavar="PATH", default=SUPPRESS, help="continue a run exactly: its directory or its last.pt"
+    )
     p.add_argument("--compile", action="store_true", default=SUPPRESS, help="train.compile: torch.compile the model")
     p.add_argument("--wandb", action="store_true", default=SUPPRESS, help="train.wandb: log to W&B (offline)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="any config value, e.g. --set train.label_smoothing=0 --set data.augment.cutout=8")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_threads_option(p)
     p.set_defaults(func=run)
 
 
@@ -62,22 +71,12 @@ _FLAGS: tuple[tuple[str, str], ...] = (
 )
 
 
-def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
-    node = data
-    *parents, last = dotted.split(".")
-    for key in parents:
-        node = node.setdefault(key, {})
-    node[last] = value
-
-
 def build_config(args: argparse.Namespace) -> RunConfig:
     """The resolved run config: recipe (or the resumed run's config), then ``--set``, then flags."""
     config_path, resume = getattr(args, "config", None), getattr(args, "resume", None)
     if config_path is not None:
         data = load_yaml(config_path)
     elif resume is not None:
-        from bitsweep.training import load_checkpoint
-
         path = Path(resume)
         data = load_checkpoint(path / "last.pt" if path.is_dir() else path)["config"]
     else:
@@ -86,15 +85,18 @@ def build_config(args: argparse.Namespace) -> RunConfig:
     for attr, dotted in _FLAGS:
         value = getattr(args, attr, None)
         if value is not None:
-            _set(data, dotted, value)
+            set_dotted(data, dotted, value)
     return from_dict(RunConfig, data)
 
 
 def run(args: argparse.Namespace) -> int:
     """Train, then print the run directory and the best checkpoint's accuracies."""
-    from bitsweep.training import fit
-
     config = build_config(args)
+    resume = getattr(args, "resume", None)
+    if resume is not None:
+        check_writable(resume if Path(resume).is_dir() else Path(resume).parent, "--resume")
+    else:
+        check_writable(config.output_dir, "--output-dir")
     result = fit(config, resume=getattr(args, "resume", None), progress=not args.quiet)
     if not result.metrics:  # a non-zero torchrun rank: rank 0 reports
         return 0

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from bitsweep.config import AugmentConfig
+from bitsweep.data.autoaugment import autoaugment
 
 
 def _arange(n: int, device: torch.device) -> torch.Tensor:
@@ -84,7 +85,5 @@ def augment_batch(images: torch.Tensor, config: AugmentConfig, generator: torch.
     if config.hflip:
         out = random_hflip(out, generator)
     if config.autoaugment:
-        from bitsweep.data.autoaugment import autoaugment
-
         out = autoaugment(out, generator)
     return cutout(out, config.cutout, generator)

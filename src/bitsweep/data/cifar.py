@@ -85,15 +85,38 @@ def _as_str(x: Any) -> str:
     return x.decode("latin1") if isinstance(x, bytes) else str(x)
 
 
+def _whole_numbers(value: Any, path: Path, what: str, low: int, high: int | None) -> np.ndarray:
+    """``value`` as an int64 array, or a user error when it holds anything but whole numbers in range.
+
+    >>> _whole_numbers(["7", "x"], Path("data_batch_1"), "data", 0, 255)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    bitsweep.errors.BitsweepError: 'data_batch_1' has data that are not whole numbers (dtype <U1); replace ...
+    """
+    try:
+        arr = np.asarray(value)
+    except (ValueError, TypeError):  # ragged nested lists
+        arr = np.asarray([None])
+    if arr.dtype.kind not in "iub":
+        raise BitsweepError(
+            f"'{path}' has {what} that are not whole numbers (dtype {arr.dtype}); replace it with the official file"
+        )
+    arr = arr.astype(np.int64)
+    if arr.size and (int(arr.min()) < low or (high is not None and int(arr.max()) > high)):
+        span = f"{low}..{high}" if high is not None else f">= {low}"
+        raise BitsweepError(f"'{path}' has {what} outside {span}; replace it with the official file")
+    return arr
+
+
 def _python_split(folder: Path, files: list[str], label_key: str) -> ImageSet:
     images, labels = [], []
     for name in files:
         batch = load_pickle(folder / name)
         if "data" not in batch or label_key not in batch:
             raise BitsweepError(f"'{folder / name}' lacks the 'data' or '{label_key}' entry; replace it")
-        data = np.asarray(batch["data"], dtype=np.uint8)
-        lab = np.asarray(batch[label_key], dtype=np.int64)
-        if data.ndim != 2 or data.shape[1] != _PIXELS or data.shape[0] != lab.shape[0]:
+        data = _whole_numbers(batch["data"], folder / name, "data", 0, 255).astype(np.uint8)
+        lab = _whole_numbers(batch[label_key], folder / name, f"'{label_key}'", 0, None)
+        if data.ndim != 2 or data.shape[1] != _PIXELS or lab.ndim != 1 or data.shape[0] != lab.shape[0]:
             raise BitsweepError(f"'{folder / name}' has data of shape {data.shape}; expected (N, 3072)")
         images.append(data)
         labels.append(lab)

@@ -33,17 +33,31 @@ CLASS_NAMES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )  # fmt: skip
 
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_IDX_DTYPES: dict[int, type[np.generic] | str] = {
+    0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"
+}  # fmt: skip
 
 
-def parse_idx(data: bytes, what: str = "IDX data") -> np.ndarray:
+def parse_idx(data: bytes, what: str = "IDX data", expect_ndim: int | None = None) -> np.ndarray:
     """Parse the bytes of an IDX file (magic, big-endian dims, payload) into an array.
+
+    The magic number is checked first and in full (``expect_ndim``: 3 for
+    images, 1 for labels), so a wrong file is called wrong, not truncated.
 
     >>> parse_idx(bytes([0, 0, 8, 1, 0, 0, 0, 3, 7, 8, 9])).tolist()
     [7, 8, 9]
+    >>> parse_idx(bytes([0, 0, 8, 1, 0, 0, 0, 3, 7, 8, 9]), "labels.idx", expect_ndim=3)
+    Traceback (most recent call last):
+    ...
+    bitsweep.errors.BitsweepError: labels.idx has magic number 00000801 (1-d), expected 00000803 (3-d); replace it
     """
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
         raise BitsweepError(f"{what} is not an IDX file (bad magic number {data[:4].hex()}); replace it")
+    if expect_ndim is not None and data[3] != expect_ndim:
+        want = bytes([0, 0, data[2], expect_ndim]).hex()
+        raise BitsweepError(
+            f"{what} has magic number {data[:4].hex()} ({data[3]}-d), expected {want} ({expect_ndim}-d); replace it"
+        )
     dtype = np.dtype(_IDX_DTYPES[data[2]])
     ndim = data[3]
     header = 4 + 4 * ndim
@@ -59,14 +73,14 @@ def parse_idx(data: bytes, what: str = "IDX data") -> np.ndarray:
     return np.frombuffer(data, dtype=dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """Read a raw or gzipped IDX file, with a clear error for damaged files."""
+def read_idx(path: Path, expect_ndim: int | None = None) -> np.ndarray:
+    """Read a raw or gzipped IDX file, with a clear error for damaged files (see :func:`parse_idx`)."""
     try:
         raw = path.read_bytes()
         data = gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
     except (OSError, EOFError, zlib.error, gzip.BadGzipFile) as e:
         raise BitsweepError(f"'{path}' is damaged or truncated ({e}); delete it and fetch it again") from None
-    return parse_idx(data, f"'{path}'")
+    return parse_idx(data, f"'{path}'", expect_ndim)
 
 
 def _find(stem: str, dirs: list[Path]) -> Path | None:
@@ -108,8 +122,8 @@ def load_fashion_mnist(data_dir: str | None, download: bool, val_size: int | Non
     files = locate_files(data_dir, download)
     sets = []
     for prefix in ("train", "t10k"):
-        images = read_idx(files[f"{prefix}-images-idx3-ubyte"])
-        labels = read_idx(files[f"{prefix}-labels-idx1-ubyte"])
+        images = read_idx(files[f"{prefix}-images-idx3-ubyte"], expect_ndim=3)
+        labels = read_idx(files[f"{prefix}-labels-idx1-ubyte"], expect_ndim=1)
         if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0] or images.dtype != np.uint8:
             raise BitsweepError(
                 f"Fashion-MNIST {prefix} files do not match: images {images.shape}, labels {labels.shape}; "

@@ -6,37 +6,31 @@ import difflib
 from collections.abc import Callable
 
 from bitsweep.config import DataConfig
+from bitsweep.data.cifar import load_cifar
+from bitsweep.data.digits import load_digits_splits
+from bitsweep.data.fashion_mnist import load_fashion_mnist
+from bitsweep.data.synthetic import load_synthetic
 from bitsweep.data.types import DatasetSplits
 from bitsweep.errors import BitsweepError
 
 
 def _cifar10(config: DataConfig, seed: int) -> DatasetSplits:
-    from bitsweep.data.cifar import load_cifar
-
     return load_cifar(10, config.data_dir, config.download, config.val_size, seed)
 
 
 def _cifar100(config: DataConfig, seed: int) -> DatasetSplits:
-    from bitsweep.data.cifar import load_cifar
-
     return load_cifar(100, config.data_dir, config.download, config.val_size, seed)
 
 
 def _fashion_mnist(config: DataConfig, seed: int) -> DatasetSplits:
-    from bitsweep.data.fashion_mnist import load_fashion_mnist
-
     return load_fashion_mnist(config.data_dir, config.download, config.val_size, seed)
 
 
 def _digits(config: DataConfig, seed: int) -> DatasetSplits:
-    from bitsweep.data.digits import load_digits_splits
-
     return load_digits_splits(config.val_size, seed)
 
 
 def _synthetic(config: DataConfig, seed: int) -> DatasetSplits:
-    from bitsweep.data.synthetic import load_synthetic
-
     return load_synthetic(config.val_size, seed)
 
 

@@ -117,8 +117,7 @@ def hold_out(data: ImageSet, val_size: int, seed: int, what: str) -> tuple[Image
     n = len(data)
     if val_size >= n:
         raise BitsweepError(
-            f"data.val_size={val_size} leaves no training images in {what} ({n} available); "
-            f"use a value below {n}"
+            f"data.val_size={val_size} leaves no training images in {what} ({n} available); use a value below {n}"
         )
     gen = torch.Generator().manual_seed(int(seed) & 0x7FFF_FFFF_FFFF_FFFF)
     perm = torch.randperm(n, generator=gen)

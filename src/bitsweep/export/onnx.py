@@ -1,6 +1,7 @@
 """ONNX export of a converted model as QDQ (QuantizeLinear/DequantizeLinear), checked in onnxruntime.
 
-The graph is written node by node from the model's fx graph (not through
+The graph is written node by node from the model's classified fx graph (the
+walk the integer lowering makes, :mod:`bitsweep.quant.walk`; not through
 ``torch.onnx``), so every quantizer becomes exactly one Q/DQ pair with our
 scale and zero-point, and nothing depends on exporter heuristics.
 
@@ -23,19 +24,22 @@ differently on rare exact ties; :func:`check_onnx` measures the effect.
 
 from __future__ import annotations
 
-import operator
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from torch import fx, nn
 
+from bitsweep.backend.intref import image_batches
 from bitsweep.errors import BitsweepError
 from bitsweep.io import atomic_path
-from bitsweep.quant.inspect import is_activation_quantizer, is_weight_layer
-from bitsweep.backend.lowering import trace_quantized
+from bitsweep.quant.graph import NodeInfo, Op, classify, trace
+from bitsweep.quant.inspect import is_weight_layer
+from bitsweep.quant.modules import ActivationQuantizer
+from bitsweep.quant.walk import walk
 
 OPSET = 21  # int16 QuantizeLinear/DequantizeLinear need opset 21
 
@@ -56,7 +60,9 @@ def _container(bits: int, signed: bool) -> tuple[Any, int]:
 
 
 class _Builder:
-    """Accumulates nodes and initializers with unique names."""
+    """Accumulates nodes and initializers with unique names; the walk's emitter for ONNX."""
+
+    purpose = "ONNX export"
 
     def __init__(self, int8: bool) -> None:
         self.onnx = _onnx()
@@ -64,6 +70,8 @@ class _Builder:
         self.inits: list[Any] = []
         self.int8 = int8
         self.count = 0
+        self.grid: dict[str, float] = {}  # tensor name -> activation scale, for int8 biases
+        self.result: str | None = None
 
     def name(self, base: str) -> str:
         self.count += 1
@@ -79,7 +87,7 @@ class _Builder:
         self.nodes.append(self.onnx.helper.make_node(op_type, inputs, [out], name=out + "_op", **attrs))
         return out
 
-    def qdq(self, x: str, quantizer: nn.Module, base: str) -> str:
+    def qdq(self, x: str, quantizer: ActivationQuantizer, base: str) -> str:
         """QuantizeLinear -> (Clip) -> DequantizeLinear with the quantizer's frozen qparams."""
         spec = quantizer.spec
         if spec.binary:
@@ -100,7 +108,25 @@ class _Builder:
                                   self.const(base + "_fhi", np.array(hi, np.float32))], base + "_fclip")  # fmt: skip
         return dq
 
-    def weight_layer(self, x: str, m: nn.Module, base: str, in_scale: float | None) -> str:
+    # --- the walk's Emitter (bitsweep.quant.walk): one method per node kind ---
+
+    def input(self, node: fx.Node) -> str:
+        return "input"
+
+    def quantize(self, x: str, quantizer: ActivationQuantizer, name: str) -> str:
+        out = self.qdq(x, quantizer, name)
+        self.grid[out] = float(quantizer.scale)
+        return out
+
+    def weight(self, x: str, m: nn.Module, base: str) -> str:
+        if not is_weight_layer(m):  # left in floating point (FP32 reference exports, skipped layers)
+            if self.int8:
+                raise BitsweepError(f"--int8 needs every layer quantized; '{base}' is floating point")
+            fw, fb = cast(torch.Tensor, m.weight), cast("torch.Tensor | None", m.bias)  # a float Conv2d/Linear
+            inputs = [x, self.const(base + "_w", fw.detach().float().cpu().numpy())]
+            if fb is not None:
+                inputs.append(self.const(base + "_b", fb.detach().float().cpu().numpy()))
+            return self._conv_or_gemm(inputs, m, base)
         wq = m.weight_quantizer
         spec = wq.spec
         q = wq.int_weight().detach().cpu().numpy()
@@ -116,68 +142,95 @@ class _Builder:
         if m.bias is not None:
             bias = m.bias.detach().float().cpu().numpy()
             if self.int8:
+                in_scale = self.grid.get(x)
                 if in_scale is None:
                     raise BitsweepError(f"--int8 needs quantized inputs for layer '{base}'")
                 bscale = (scale.astype(np.float64) * in_scale).astype(np.float32)
                 bq = np.round(bias / bscale).astype(np.int32)
-                inputs.append(self.op("DequantizeLinear", [self.const(base + "_bq", bq), self.const(base + "_bs", bscale),
-                                      self.const(base + "_bzp", np.zeros(c_out, np.int32))], base + "_b", axis=0))  # fmt: skip
+                bzp = np.zeros(c_out, np.int32)
+                dq_in = [self.const(base + "_bq", bq), self.const(base + "_bs", bscale), self.const(base + "_bzp", bzp)]
+                inputs.append(self.op("DequantizeLinear", dq_in, base + "_b", axis=0))
             else:
                 inputs.append(self.const(base + "_b", bias))
+        return self._conv_or_gemm(inputs, m, base)
+
+    def _conv_or_gemm(self, inputs: list[str], m: nn.Module, base: str) -> str:
         if isinstance(m, nn.Conv2d):
             ph, pw = m.padding if isinstance(m.padding, tuple) else (m.padding, m.padding)
             return self.op("Conv", inputs, base, strides=list(m.stride), pads=[ph, pw, ph, pw],
                            dilations=list(m.dilation), group=m.groups, kernel_shape=list(m.kernel_size))  # fmt: skip
         return self.op("Gemm", inputs, base, transB=1)
 
-    def float_layer(self, x: str, m: nn.Module, base: str) -> str:
-        """A Conv2d/Linear left in floating point (FP32 reference exports, skipped layers)."""
-        inputs = [x, self.const(base + "_w", m.weight.detach().float().cpu().numpy())]
-        if m.bias is not None:
-            inputs.append(self.const(base + "_b", m.bias.detach().float().cpu().numpy()))
-        if isinstance(m, nn.Conv2d):
-            ph, pw = m.padding if isinstance(m.padding, tuple) else (m.padding, m.padding)
-            return self.op("Conv", inputs, base, strides=list(m.stride), pads=[ph, pw, ph, pw],
-                           dilations=list(m.dilation), group=m.groups, kernel_shape=list(m.kernel_size))  # fmt: skip
-        return self.op("Gemm", inputs, base, transB=1)
+    def activation(self, x: str, node: NodeInfo, base: str, quantizer: ActivationQuantizer | None) -> str:
+        bounds = node.clamp
+        if bounds is None:
+            raise BitsweepError(f"ONNX export supports clamp-like activations (ReLU, ReLU6, Hardtanh), not '{base}'")
+        if quantizer is not None and _clamp_is_redundant(bounds, quantizer):
+            return x
+        if bounds == (0.0, math.inf):
+            return self.op("Relu", [x], base)
+        names = ("zero", "six") if bounds == (0.0, 6.0) else ("lo", "hi")
+        return self.op("Clip", [x, self.const(names[0], np.array(bounds[0], np.float32)),
+                                self.const(names[1], np.array(bounds[1], np.float32))], base)  # fmt: skip
 
-    def plain(self, x: list[str], m: nn.Module, base: str) -> str:
-        if type(m) in (nn.Conv2d, nn.Linear):
-            if self.int8:
-                raise BitsweepError(f"--int8 needs every layer quantized; '{base}' is floating point")
-            return self.float_layer(x[0], m, base)
-        if isinstance(m, nn.ReLU6):
-            return self.op("Clip", [x[0], self.const("zero", np.array(0, np.float32)),
-                                    self.const("six", np.array(6, np.float32))], base)  # fmt: skip
-        if isinstance(m, nn.ReLU):
-            return self.op("Relu", x[:1], base)
-        if isinstance(m, nn.Hardtanh):
-            return self.op("Clip", [x[0], self.const("lo", np.array(m.min_val, np.float32)),
-                                    self.const("hi", np.array(m.max_val, np.float32))], base)  # fmt: skip
-        if isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1)):
-            return self.op("GlobalAveragePool", x[:1], base)
-        if isinstance(m, nn.Flatten) and m.end_dim == -1:
-            return self.op("Flatten", x[:1], base, axis=m.start_dim)
-        if isinstance(m, nn.MaxPool2d):
-            k = m.kernel_size if isinstance(m.kernel_size, tuple) else (m.kernel_size,) * 2
-            s = m.stride if isinstance(m.stride, tuple) else (m.stride,) * 2
-            p = m.padding if isinstance(m.padding, tuple) else (m.padding,) * 2
-            return self.op("MaxPool", x[:1], base, kernel_shape=list(k), strides=list(s), pads=[*p, *p])
-        if type(m).__name__ == "Add" and len(x) == 2:
-            return self.op("Add", x, base)
-        raise BitsweepError(f"ONNX export does not support {type(m).__name__} ('{base}')")
+    def add(self, a: str, b: str, base: str) -> str:
+        return self.op("Add", [a, b], base)
+
+    def pool(self, x: str, node: NodeInfo, base: str, shape: torch.Size | None) -> str:
+        p = node.pool
+        if p is not None and p.output_size == (1, 1):
+            out = self.op("GlobalAveragePool", [x], base)
+            return out if p.keepdim else self.op("Flatten", [out], base, axis=1)
+        if p is not None and p.kernel is not None and p.stride is not None:
+            return self.op("AveragePool", [x], base, kernel_shape=list(p.kernel), strides=list(p.stride))
+        raise BitsweepError(f"ONNX export supports global and windowed 2-d average pooling, not '{base}'")
+
+    def passthrough(self, x: str, ops: tuple[Op, ...], base: str) -> str:
+        out = x
+        for op in ops:
+            out = self._passthrough_op(out, op, base)
+        if x in self.grid:
+            self.grid[out] = self.grid[x]
+        return out
+
+    def _passthrough_op(self, x: str, op: Op, base: str) -> str:
+        kind, args = op[0], op[1:]
+        if kind == "method":
+            name, margs = op[1], tuple(op[2])
+            if name in ("contiguous", "clone"):
+                return x
+            if name == "flatten":
+                kind, args = "flatten", (margs + (0, -1)[len(margs) :])[:2]
+            elif name in ("view", "reshape"):
+                shape = margs[0] if len(margs) == 1 and isinstance(margs[0], (tuple, list)) else margs
+                return self.op("Reshape", [x, self.const(base + "_shape", np.array(shape, np.int64))], base)
+        if kind == "flatten" and args[1] == -1:
+            return self.op("Flatten", [x], base, axis=int(args[0]))
+        if kind == "maxpool":
+            k, s, p, d = ((v, v) if isinstance(v, int) else tuple(v) for v in args[:4])
+            ceil = args[4]
+            extra: dict[str, Any] = {}
+            if tuple(d) != (1, 1):
+                extra["dilations"] = list(d)
+            if ceil:
+                extra["ceil_mode"] = 1
+            return self.op("MaxPool", [x], base, kernel_shape=list(k), strides=list(s), pads=[*p, *p], **extra)
+        raise BitsweepError(f"ONNX export does not support {op} ('{base}')")
+
+    def output(self, x: str) -> None:
+        self.result = x
 
 
-def _clamp_is_redundant(module: nn.Module, quantizer: nn.Module | None) -> bool:
-    """True when a ReLU/ReLU6/Hardtanh before ``quantizer`` cannot change its output.
+def _clamp_is_redundant(bounds: tuple[float, float], quantizer: ActivationQuantizer) -> bool:
+    """True when a clamp to ``bounds`` (ReLU, ReLU6, Hardtanh, ...) before ``quantizer`` cannot change its output.
 
     If the grid's real range ``[(qmin - z) s, (qmax - z) s]`` lies inside the
     clamp's ``[lo, hi]``, QuantizeLinear's own saturation does the clamping, so
     dropping the op is exact - and it lets onnxruntime fuse Conv -> Q into QLinearConv.
     """
-    if quantizer is None or quantizer.spec.binary or not isinstance(module, (nn.ReLU, nn.Hardtanh)):
+    if quantizer.spec.binary:
         return False
-    lo, hi = (0.0, float("inf")) if isinstance(module, nn.ReLU) else (float(module.min_val), float(module.max_val))
+    lo, hi = bounds
     s, z = np.float32(quantizer.scale.item()), int(quantizer.zero_point.item())
     spec = quantizer.spec
     return bool(np.float32(spec.qmin - z) * s >= lo and np.float32(spec.qmax - z) * s <= hi)
@@ -186,6 +239,8 @@ def _clamp_is_redundant(module: nn.Module, quantizer: nn.Module | None) -> bool:
 def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, int, int], int8: bool = False) -> Path:
     """Write a converted quantized model as a QDQ ONNX file (atomically).
 
+    The model's classified graph is walked as the integer lowering walks it
+    (:func:`bitsweep.quant.walk.walk`), so both accept the same models.
     A float model (BatchNorm folded, e.g. with ``bitsweep.quant.fold_batchnorm``)
     exports too, as the FP32 reference of the same graph.
 
@@ -200,68 +255,18 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, int,
     """
     b = _Builder(int8)
     onnx = b.onnx
-    graph = trace_quantized(model, "ONNX export")
-    mods = dict(model.named_modules())
-    env: dict[fx.Node, str] = {}
-    grid: dict[str, float] = {}  # tensor name -> activation scale, for int8 biases
-    output = None
-    for node in graph.nodes:
-        a = [env[n] for n in node.args if isinstance(n, fx.Node)]
-        base = str(node.target) if node.op == "call_module" else node.name
-        if node.op == "placeholder":
-            env[node] = "input"
-        elif node.op == "call_module":
-            m = mods[str(node.target)]
-            if is_weight_layer(m):
-                x = a[0]
-                if m.input_quantizer is not None:
-                    x = b.qdq(x, m.input_quantizer, base + "_in")
-                    grid[x] = float(m.input_quantizer.scale)
-                out = b.weight_layer(x, m, base, grid.get(x))
-                if m.output_quantizer is not None:
-                    out = b.qdq(out, m.output_quantizer, base + "_out")
-                    grid[out] = float(m.output_quantizer.scale)
-                env[node] = out
-            elif is_activation_quantizer(m):
-                env[node] = b.qdq(a[0], m, base)
-                grid[env[node]] = float(m.scale)
-            elif hasattr(m, "output_quantizer") and hasattr(m, "module"):
-                xs = a
-                if m.input_quantizers is not None:
-                    xs = [x if isinstance(q, nn.Identity) else b.qdq(x, q, f"{base}_in{i}")
-                          for i, (x, q) in enumerate(zip(a, m.input_quantizers))]  # fmt: skip
-                out = xs[0] if _clamp_is_redundant(m.module, m.output_quantizer) else b.plain(xs, m.module, base)
-                if m.output_quantizer is not None:
-                    out = b.qdq(out, m.output_quantizer, base + "_out")
-                    grid[out] = float(m.output_quantizer.scale)
-                env[node] = out
-            elif isinstance(m, (nn.Identity, nn.Dropout)):
-                env[node] = a[0]
-                if a[0] in grid:
-                    grid[env[node]] = grid[a[0]]
-            else:
-                env[node] = b.plain(a, m, base)
-        elif node.op in ("call_method", "call_function") and (
-            node.target in ("flatten",) or node.target is torch.flatten
-        ):
-            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-            env[node] = b.op("Flatten", a[:1], base, axis=int(start))
-            if a[0] in grid:
-                grid[env[node]] = grid[a[0]]
-        elif node.op == "call_function" and node.target in (operator.add, torch.add) and len(a) == 2:
-            env[node] = b.op("Add", a, base)  # float residual (FP32 reference); quantized adds are Add modules
-        elif node.op == "output":
-            output = a[0]
-        else:
-            raise BitsweepError(f"ONNX export does not support {node.op} {getattr(node.target, '__name__', node.target)}")
-    if output is None:
+    graph = trace(model, "ONNX export")
+    assert graph is not None
+    walk(classify(model, graph), b)
+    if b.result is None:
         raise BitsweepError("the model graph has no output")
-    b.nodes.append(onnx.helper.make_node("Identity", [output], ["logits"], name="logits_op"))
+    b.nodes.append(onnx.helper.make_node("Identity", [b.result], ["logits"], name="logits_op"))
     n_out = next(m for m in reversed(list(model.modules())) if is_weight_layer(m) or isinstance(m, nn.Linear))
     out_features = getattr(n_out, "out_features", None) or getattr(n_out, "out_channels", None)
+    float_t = onnx.TensorProto.FLOAT
     g = onnx.helper.make_graph(
-        b.nodes, "bitsweep", [onnx.helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["batch", *input_shape])],
-        [onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["batch", out_features])], b.inits,
+        b.nodes, "bitsweep", [onnx.helper.make_tensor_value_info("input", float_t, ["batch", *input_shape])],
+        [onnx.helper.make_tensor_value_info("logits", float_t, ["batch", out_features])], b.inits,
     )  # fmt: skip
     proto = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", OPSET)], producer_name="bitsweep")
     proto.ir_version = 10
@@ -306,11 +311,7 @@ def check_onnx(path: str | Path, model: nn.Module, batches: Any, max_batches: in
     model.eval()
     n = agree = sim_ok = onnx_ok = 0
     labelled, max_diff = True, 0.0
-    for i, batch in enumerate(batches):
-        if max_batches is not None and i >= max_batches:
-            break
-        x, y = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
-        x = x.cpu().float()
+    for x, y in image_batches(batches, max_batches):
         sim = model(x).float()
         got = torch.from_numpy(sess.run(["logits"], {"input": x.numpy()})[0])
         max_diff = max(max_diff, float((sim - got).abs().max()))

@@ -6,9 +6,10 @@ dataflow graph.
 
 Method (documented in docs/measure.md):
 
-1. The model is traced with ``torch.fx`` (quantized layers, activation
-   quantizers and standard layers are leaves) and run once on a zero image of
-   the input size with ``ShapeProp`` to get every tensor's shape.
+1. The model is traced and classified by :mod:`bitsweep.quant.graph` (quantized
+   layers, activation quantizers, standard and parameter-free modules are leaves)
+   and run once on a zero image of the input size with ``ShapeProp`` to get every
+   tensor's shape.
 2. Tensors a deployed runtime does not materialise separately are folded
    into the tensor they modify in place: BatchNorm, ReLU/ReLU6/Hardtanh,
    dropout, identity, activation quantizers and view/flatten/reshape, *when
@@ -28,28 +29,19 @@ Each tensor costs ``ceil(elements * bits / 8)`` bytes at ``bits`` bits and
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from bitsweep.errors import BitsweepError
-from bitsweep.quant.inspect import is_activation_quantizer, is_weight_layer
+from bitsweep.quant.graph import NodeInfo, classify, is_quantized_wrapper, trace, traced_root
+from bitsweep.quant.inspect import is_weight_layer
+from bitsweep.quant.modules import ActivationQuantizer
 
-_INPLACE_MODULES: tuple[type[nn.Module], ...] = (
-    nn.BatchNorm1d,
-    nn.BatchNorm2d,
-    nn.ReLU,
-    nn.ReLU6,
-    nn.Hardtanh,
-    nn.Dropout,
-    nn.Identity,
-    nn.Flatten,
-)
-_INPLACE_FUNCTIONS = {torch.flatten, torch.relu, torch.nn.functional.relu, torch.nn.functional.relu6,
-                      torch.nn.functional.dropout, torch.reshape}
-_INPLACE_METHODS = {"view", "reshape", "flatten", "contiguous", "relu", "relu_", "clamp", "clamp_", "squeeze"}
+# Ops a runtime applies to a tensor in place, or as a view of it (never a copy).
+_INPLACE_METHODS = ("view", "reshape", "flatten", "contiguous", "squeeze", "unsqueeze")
 
 
 @dataclass(frozen=True)
@@ -97,46 +89,30 @@ class ActivationReport:
         return d
 
 
-class _LeafTracer(fx.Tracer):
-    """Keeps quantized layers and quantizers opaque so their internals are not counted."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if is_weight_layer(m) or is_activation_quantizer(m) or _is_wrapper(m):
-            return True
-        return super().is_leaf_module(m, qualname)
-
-
-def _is_wrapper(m: nn.Module) -> bool:
-    """A quantized wrapper (``QuantOutput``): an inner ``module`` plus its ``output_quantizer``."""
-    return hasattr(m, "module") and hasattr(m, "output_quantizer") and not is_weight_layer(m)
-
-
-def _is_inplace(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    if node.op == "call_module":
-        m = modules[str(node.target)]
-        if _is_wrapper(m):  # a wrapped ReLU6 is in place; a wrapped add or pool makes a new tensor
-            return isinstance(m.module, _INPLACE_MODULES)
-        return isinstance(m, _INPLACE_MODULES) or is_activation_quantizer(m)
-    if node.op == "call_function":
-        return node.target in _INPLACE_FUNCTIONS
-    if node.op == "call_method":
-        return node.target in _INPLACE_METHODS
+def _is_inplace(node: fx.Node, n: NodeInfo) -> bool:
+    """Whether a node's output can live in its input's storage (a fused BN, clamp, quantizer or view)."""
+    if node.op == "call_method" and node.target in _INPLACE_METHODS:  # also x.view(x.size(0), -1)
+        return True
+    if isinstance(n.module, (nn.BatchNorm1d, nn.BatchNorm2d)) or n.kind == "quantizer":
+        return True
+    if n.kind == "activation":  # clamps (ReLU, ReLU6, Hardtanh; wrapped or not) fold into the producer
+        return n.clamp is not None
+    if n.kind == "passthrough" and n.ops is not None:  # identity, dropout, flatten, reshape; not max pooling
+        return all(op[0] == "flatten" or (op[0] == "method" and op[1] in _INPLACE_METHODS) for op in n.ops)
     return False
 
 
-def _quantizer_bits(node: fx.Node, modules: dict[str, nn.Module]) -> int | None:
-    if node.op != "call_module":
+def _quantizer_bits(n: NodeInfo) -> int | None:
+    m = n.module
+    if m is None:
         return None
-    m = modules[str(node.target)]
-    if is_activation_quantizer(m):
-        return int(m.spec.bits)
-    out_q = getattr(m, "output_quantizer", None) if is_weight_layer(m) or _is_wrapper(m) else None
+    if n.kind == "quantizer":
+        return int(cast(ActivationQuantizer, m).spec.bits)  # classify: an activation quantizer
+    out_q = getattr(m, "output_quantizer", None) if is_weight_layer(m) or is_quantized_wrapper(m) else None
     return int(out_q.spec.bits) if out_q is not None else None
 
 
-def activation_memory(
-    model: nn.Module, input_shape: tuple[int, ...], bits: int | None = None
-) -> ActivationReport:
+def activation_memory(model: nn.Module, input_shape: tuple[int, ...], bits: int | None = None) -> ActivationReport:
     """Count the activation memory of one inference of ``model`` on a batch of one.
 
     Args:
@@ -151,12 +127,9 @@ def activation_memory(
     """
     if bits is not None and not 1 <= bits <= 32:
         raise BitsweepError(f"activation bits must be from 1 to 32, got {bits}")
-    try:
-        graph = _LeafTracer().trace(model)
-    except Exception as e:  # fx raises many types for untraceable control flow
-        raise BitsweepError(f"cannot trace {type(model).__name__} with torch.fx to count activations: {e}") from None
-    gm = fx.GraphModule(model, graph)
-    modules = dict(gm.named_modules())
+    graph = trace(model, "counting activations")
+    assert graph is not None
+    gm = fx.GraphModule(traced_root(model), graph)
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     x = torch.zeros((1, *input_shape), device=device)
@@ -168,6 +141,7 @@ def activation_memory(
     finally:
         model.train(was_training)
 
+    info = classify(model, gm.graph)
     nodes = [n for n in gm.graph.nodes if n.op not in ("get_attr",)]
     index = {n: i for i, n in enumerate(nodes)}
     owner: dict[fx.Node, fx.Node] = {}  # node -> node whose storage it shares
@@ -177,27 +151,27 @@ def activation_memory(
             continue
         meta = n.meta.get("tensor_meta")
         src = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
-        if src is not None and src in owner and _is_inplace(n, modules) and len(src.users) == 1:
+        if src is not None and src in owner and _is_inplace(n, info.nodes[n]) and len(src.users) == 1:
             root = owner[src]
             owner[n] = root
-            qb = _quantizer_bits(n, modules)
+            qb = _quantizer_bits(info.nodes[n])
             if qb is not None:
                 group_bits[root] = qb
         elif meta is not None and hasattr(meta, "shape"):
             owner[n] = n
-            group_bits[n] = _quantizer_bits(n, modules)
+            group_bits[n] = _quantizer_bits(info.nodes[n])
             if n.op == "placeholder":  # the image is quantized by its consumer's input quantizer
                 for u in n.users:
-                    in_q = getattr(modules.get(str(u.target)), "input_quantizer", None) if u.op == "call_module" else None
+                    in_q = getattr(info.nodes[u].module, "input_quantizer", None)
                     if in_q is not None:
                         group_bits[n] = int(in_q.spec.bits)
     # Last use of each group: the latest node reading any member; the output keeps its tensor to the end.
     last_use: dict[fx.Node, int] = {root: index[root] for root in group_bits}
     for n in nodes:
         for inp in n.all_input_nodes:
-            root = owner.get(inp)
-            if root is not None:
-                last_use[root] = max(last_use[root], index[n])
+            group = owner.get(inp)
+            if group is not None:
+                last_use[group] = max(last_use[group], index[n])
 
     tensors: list[ActivationTensor] = []
     sizes: dict[fx.Node, tuple[int, int]] = {}
@@ -229,4 +203,3 @@ def activation_memory(
         peak_fp32_at=peak_at[0],
         peak_quant_at=peak_at[1],
     )
-

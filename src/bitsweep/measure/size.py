@@ -26,8 +26,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from bitsweep.quant.inspect import activation_quantizers, other_state, weight_layers
 from bitsweep.quant.bitpack import packed_nbytes
+from bitsweep.quant.inspect import activation_quantizers, other_state, weight_layers
 
 SCALE_BYTES = 4  # float32
 ZERO_POINT_BYTES = 4  # int32

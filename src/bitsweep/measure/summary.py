@@ -18,10 +18,9 @@ from typing import Any
 
 from torch import nn
 
-from bitsweep.measure.activations import activation_memory
-from bitsweep.artifacts.loading import architecture_of
-from bitsweep.artifacts.packed import PackedMeta, save_packed
+from bitsweep.artifacts import ModelRecord, PackedMeta, record_of, save_packed
 from bitsweep.errors import BitsweepError
+from bitsweep.measure.activations import activation_memory
 from bitsweep.measure.size import fp32_file_bytes, size_report
 
 
@@ -102,11 +101,11 @@ def compression_summary(
 
     Args:
         model: a converted quantized model.
-        meta: architecture and QuantConfig (their JSON is part of the packed file's size).
+        meta: model record and QuantConfig (their JSON is part of the packed file's size).
         packed_path: an existing packed file of this model to stat; None writes one to a temporary folder.
     """
     report = size_report(model)
-    acts = activation_memory(model, meta.architecture.input_shape)
+    acts = activation_memory(model, meta.record.input_shape)
     with tempfile.TemporaryDirectory() as d:
         if packed_path is None:
             info = save_packed(model, Path(d) / "model.safetensors", meta)
@@ -128,18 +127,19 @@ def compression_summary(
     )
 
 
-def describe_compression(model: nn.Module, config: Any, source: dict[str, Any]) -> str:
+def describe_compression(model: nn.Module, config: Any, source: ModelRecord | dict[str, Any]) -> str:
     """The compression summary lines ``bitsweep quantize`` prints for a converted model.
 
     Args:
         model: the converted model.
         config: its QuantConfig.
-        source: the float training checkpoint dict (for the architecture record).
+        source: the float network's record, or the float checkpoint dict it is read from.
 
     Never raises for an unmeasurable model: quantization already succeeded, so a
     model the measurement cannot trace gets one explanatory line instead.
     """
     try:
-        return compression_summary(model, PackedMeta(architecture_of(source), config)).describe()
+        record = source if isinstance(source, ModelRecord) else record_of(source)
+        return compression_summary(model, PackedMeta(record, config)).describe()
     except BitsweepError as e:
         return f"compression summary unavailable: {e}"

@@ -9,7 +9,6 @@ downsampled 32 times would leave a 1x1 map after the third stage.
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 
@@ -93,7 +92,7 @@ class InvertedResidual(nn.Module):
         self.add = Add() if self.use_residual else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.conv(x)
+        out: torch.Tensor = self.conv(x)
         if self.add is not None:
             out = self.add(x, out)
         return out
@@ -129,4 +128,5 @@ class MobileNetV2(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)  # (N, C, H, W) -> (N, 1280, H/8, W/8)
         x = self.pool(x).flatten(1)  # (N, 1280, 1, 1) -> (N, 1280)
-        return self.classifier(x)
+        logits: torch.Tensor = self.classifier(x)
+        return logits

@@ -10,6 +10,9 @@ from dataclasses import dataclass
 from torch import nn
 
 from bitsweep.errors import BitsweepError
+from bitsweep.models.mobilenetv2 import MobileNetV2
+from bitsweep.models.resnet import ResNet20
+from bitsweep.models.vgg import VGG16
 
 ModelFactory = Callable[..., nn.Module]
 
@@ -24,23 +27,12 @@ class ModelEntry:
 
 
 def _entries() -> dict[str, ModelEntry]:
-    # Built on each call from the architecture modules, so there is no mutable
-    # module-level registry to patch or leak between tests.
-    from bitsweep.models.mobilenetv2 import MobileNetV2
-
-    entries = [ModelEntry("mobilenetv2", MobileNetV2, "MobileNet-v2, stride-1 stem for 32x32 images")]
-    try:
-        from bitsweep.models.vgg import VGG16
-
-        entries.append(ModelEntry("vgg16", VGG16, "VGG-16 with BatchNorm, the CIFAR-10 reference baseline"))
-    except ImportError:
-        pass
-    try:
-        from bitsweep.models.resnet import ResNet20
-
-        entries.append(ModelEntry("resnet20", ResNet20, "ResNet-20 (He et al., 2016) for 32x32 images"))
-    except ImportError:
-        pass
+    # Built on each call, so there is no mutable module-level registry to patch or leak between tests.
+    entries = [
+        ModelEntry("mobilenetv2", MobileNetV2, "MobileNet-v2, stride-1 stem for 32x32 images"),
+        ModelEntry("vgg16", VGG16, "VGG-16 with BatchNorm, the CIFAR-10 reference baseline"),
+        ModelEntry("resnet20", ResNet20, "ResNet-20 (He et al., 2016) for 32x32 images"),
+    ]
     return {e.name: e for e in entries}
 
 

@@ -47,7 +47,8 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv2(self.conv1(x))
-        return self.relu(self.add(self.shortcut(x), out))
+        summed: torch.Tensor = self.relu(self.add(self.shortcut(x), out))
+        return summed
 
 
 class ResNet20(nn.Module):
@@ -82,9 +83,12 @@ class ResNet20(nn.Module):
             # Zero-init the last BN of each residual branch: blocks start as identities,
             # which makes the first epochs of short runs noticeably more stable.
             if isinstance(m, BasicBlock):
-                nn.init.zeros_(m.conv2[1].weight)
+                bn = m.conv2[1]  # conv2 = Sequential(conv, bn): see _conv_bn
+                assert isinstance(bn, nn.BatchNorm2d)
+                nn.init.zeros_(bn.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.layers(self.stem(x))  # (N, C, H, W) -> (N, 64w, H/4, W/4)
         x = self.pool(x).flatten(1)  # (N, 64w, 1, 1) -> (N, 64w)
-        return self.classifier(x)
+        logits: torch.Tensor = self.classifier(x)
+        return logits

@@ -76,4 +76,5 @@ class VGG16(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)  # (N, C, H, W) -> (N, 512w, ceil(H/32), ceil(W/32))
         x = self.pool(x).flatten(1)  # (N, 512w, 1, 1) -> (N, 512w)
-        return self.classifier(x)
+        logits: torch.Tensor = self.classifier(x)
+        return logits

@@ -20,6 +20,8 @@ calibration for any other config of the same float model.
 from __future__ import annotations
 
 import contextlib
+import functools
+import operator
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +32,7 @@ from torch import fx, nn
 from bitsweep.errors import BitsweepError
 from bitsweep.quant.config import QuantConfig
 from bitsweep.quant.fold import _set_module, fold_batchnorm
-from bitsweep.quant.graph import GraphInfo, classify, trace
+from bitsweep.quant.graph import GraphInfo, classify, module_kind, trace
 from bitsweep.quant.modules import ActivationQuantizer, QuantConv2d, QuantLinear, QuantOutput
 from bitsweep.quant.observers import ActivationStats
 
@@ -102,7 +104,7 @@ def _swap_weights(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | N
                 left.append(name)
                 continue
             cls = QuantConv2d if isinstance(m, nn.Conv2d) else QuantLinear
-            _set_module(model, name, cls.from_float(m, spec, config.weight_observer))  # type: ignore[arg-type]
+            _set_module(model, name, cls.from_float(m, spec, config.weight_observer))
         elif list(m.parameters(recurse=False)) or isinstance(m, nn.modules.batchnorm._BatchNorm):
             left.append(name)  # unfolded BatchNorm, Conv1d, LayerNorm, PReLU, ...: computed in floating point
     return left
@@ -126,7 +128,7 @@ def _insert_activation_quantizers(model: nn.Module, config: QuantConfig, info: G
     wrapped: dict[str, QuantOutput] = {}
 
     for node in list(graph.nodes):
-        kind = info.kind.get(node, "other")
+        kind = info.kind(node)
         target = str(node.target)
         own_module = node.op == "call_module" and uses[target] == 1
         if kind == "input" and node.users:
@@ -143,7 +145,7 @@ def _insert_activation_quantizers(model: nn.Module, config: QuantConfig, info: G
         elif kind == "weight" and own_module:
             m = mods[target]
             users = _consumers(node, info)
-            fused = users and all(info.kind.get(u) == "activation" for u in users)
+            fused = users and all(info.kind(u) == "activation" for u in users)
             to_output = all(u.op == "output" for u in users)
             if isinstance(m, (QuantConv2d, QuantLinear)) and not fused and not to_output:
                 m.output_quantizer = _new_quantizer(config, target, "output", inplace=True)
@@ -171,12 +173,12 @@ def _consumers(node: fx.Node, info: GraphInfo) -> list[fx.Node]:
     """Users of ``node``, looking through passthrough nodes (a folded BN's Identity, Dropout, Flatten)."""
     out: list[fx.Node] = []
     for u in node.users:
-        out.extend(_consumers(u, info) if info.kind.get(u) == "passthrough" and u.users else [u])
+        out.extend(_consumers(u, info) if info.kind(u) == "passthrough" and u.users else [u])
     return out
 
 
 def _node_inputs_quantized(node: fx.Node, quantized: set[fx.Node], info: GraphInfo) -> bool:
-    tensors = [a for a in node.all_input_nodes if info.tensor.get(a, False)]
+    tensors = [a for a in node.all_input_nodes if info.is_tensor(a)]
     return bool(tensors) and all(a in quantized for a in tensors)
 
 
@@ -184,7 +186,7 @@ def _rewrite_graph(
     model: nn.Module, graph: fx.Graph, config: QuantConfig, sites: list[tuple[fx.Node, str, fx.Node | None]]
 ) -> None:
     """Insert quantizer calls after function nodes (or on input edges) and bind the new forward to ``model``."""
-    for i, (node, site, consumer) in enumerate(sites):
+    for node, site, consumer in sites:
         name = f"quant_{site}_{node.name}" if consumer is None else f"quant_{site}_{node.name}_to_{consumer.name}"
         q = _new_quantizer(config, name, site)
         if q is None:
@@ -193,12 +195,12 @@ def _rewrite_graph(
         with graph.inserting_after(node):
             new = graph.call_module(name, (node,))
         if consumer is None:
-            node.replace_all_uses_with(new, delete_user_cb=lambda u, new=new: u is not new)
+            node.replace_all_uses_with(new, delete_user_cb=functools.partial(operator.is_not, new))  # not new itself
         else:
             consumer.replace_input_with(node, new)
     graph.lint()
     gm = fx.GraphModule(model, graph)
-    model.forward = gm.forward  # type: ignore[method-assign]
+    model.forward = gm.forward
 
 
 def quantize_(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | None = None) -> QuantSummary:
@@ -237,9 +239,7 @@ def quantize_(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | None 
     weights = tuple(
         (n, m.weight_quantizer.spec.bits) for n, m in model.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))
     )
-    acts = tuple(
-        (n, m.site, m.spec.bits) for n, m in model.named_modules() if isinstance(m, ActivationQuantizer)
-    )
+    acts = tuple((n, m.site, m.spec.bits) for n, m in model.named_modules() if isinstance(m, ActivationQuantizer))
     if not weights and not acts:
         raise BitsweepError("nothing was quantized: every layer was skipped by overrides or filter_fn; loosen them")
     return QuantSummary(weights, acts, tuple(left), len(folded), graph is not None, tuple(notes))
@@ -247,14 +247,12 @@ def quantize_(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | None 
 
 def _insert_fallback(model: nn.Module, config: QuantConfig) -> None:
     """Module-order fallback for untraceable models: wrap activation, pooling and add modules."""
-    from bitsweep.quant.graph import _module_kind
-
     first = next((m for m in model.modules() if isinstance(m, (QuantConv2d, QuantLinear))), None)
     if first is not None:
         first.input_quantizer = _new_quantizer(config, "input", "input")
     for name, m in list(model.named_modules()):
         if name and not list(m.children()):
-            kind = _module_kind(m, 2) if _module_kind(m, 1) == "other" else _module_kind(m, 1)
+            kind = module_kind(m)
             if kind in ("activation", "pool", "add"):
                 _set_module(model, name, QuantOutput(m, _new_quantizer(config, name, kind)))
 

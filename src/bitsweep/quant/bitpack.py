@@ -131,8 +131,8 @@ def unpack(data: np.ndarray | bytes, bits: int, signed: bool, count: int) -> np.
         raise BitsweepError(f"packed data holds {buf.size} bytes but {count} values of {bits} bits need {need}")
     # (nbytes,) -> (count * bits,) -> (count, bits)
     bit_matrix = np.unpackbits(buf.reshape(-1), count=count * bits, bitorder="little").reshape(count, bits)
-    weights = (np.int64(1) << np.arange(bits, dtype=np.int64))
-    codes = bit_matrix.astype(np.int64) @ weights
+    weights = np.int64(1) << np.arange(bits, dtype=np.int64)
+    codes: np.ndarray = bit_matrix.astype(np.int64) @ weights
     if signed:
         sign = np.int64(1) << (bits - 1)
         codes = (codes ^ sign) - sign  # sign-extend the bits-bit two's complement field

@@ -17,6 +17,7 @@ import dataclasses
 import fnmatch
 from dataclasses import dataclass
 
+from bitsweep.quant.methods import check_method
 from bitsweep.quant.observers import check_observer
 from bitsweep.quant.spec import GRANULARITIES, QuantSpec, check_bits
 
@@ -100,6 +101,8 @@ class QuantConfig:
         weight_observer / activation_observer: one of ``minmax``, ``moving_average``, ``percentile``, ``mse``.
         fold_bn: fold BatchNorm into the preceding conv before quantizing weights (what deployments do).
         overrides: per-layer changes, first matching pattern wins.
+        method: the post-training method :func:`bitsweep.quant.ptq` applies (a name in
+            ``bitsweep.quant.methods.PTQ_METHODS``; ``rtn`` is round-to-nearest).
     """
 
     weight: QuantSpec | None = dataclasses.field(default_factory=lambda: weight_spec(8))
@@ -108,8 +111,10 @@ class QuantConfig:
     activation_observer: str = "minmax"
     fold_bn: bool = True
     overrides: tuple[LayerOverride, ...] = ()
+    method: str = "rtn"
 
     def __post_init__(self) -> None:
+        check_method(self.method)
         check_observer(self.weight_observer)
         check_observer(self.activation_observer)
         if self.activation is not None and self.activation.per_channel:
@@ -128,6 +133,7 @@ class QuantConfig:
         activation_observer: str | None = None,
         fold_bn: bool = True,
         overrides: tuple[LayerOverride, ...] = (),
+        method: str = "rtn",
     ) -> QuantConfig:
         """The usual recipe from bit widths (None keeps that part in floating point)."""
         if granularity not in GRANULARITIES:
@@ -139,6 +145,7 @@ class QuantConfig:
             activation_observer=activation_observer or observer,
             fold_bn=fold_bn,
             overrides=tuple(overrides),
+            method=method,
         )
 
     def override_for(self, name: str) -> LayerOverride | None:

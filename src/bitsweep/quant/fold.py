@@ -4,7 +4,7 @@ An integer deployment never runs BatchNorm: its affine transform is folded
 into the preceding convolution (``w' = w * gamma / sqrt(var + eps)``,
 ``b' = (b - mean) * gamma / sqrt(var + eps) + beta``), so the weights that get
 quantized are the folded ones, and evaluation runs one op fewer per layer.
-Pairs are found in the fx graph (a conv whose only user is a BN) or, when
+Pairs are found in the fx graph of :func:`bitsweep.quant.graph.trace` (a conv whose only user is a BN) or, when
 the model cannot be traced, by module order inside ``nn.Sequential``.
 Folding uses the running statistics, so it is exact for a model in eval mode.
 """
@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 from torch import fx, nn
+
+from bitsweep.quant.graph import trace
 
 
 @torch.no_grad()
@@ -40,9 +42,8 @@ def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def _pairs_fx(model: nn.Module) -> list[tuple[str, str]] | None:
-    try:
-        graph = fx.symbolic_trace(model).graph
-    except Exception:  # noqa: BLE001 - any tracing failure means: use the module-order fallback
+    graph = trace(model)  # None: untraceable, use the module-order fallback
+    if graph is None:
         return None
     mods = dict(model.named_modules())
     pairs = []
@@ -66,7 +67,7 @@ def _pairs_sequential(model: nn.Module) -> list[tuple[str, str]]:
         if not isinstance(mod, nn.Sequential):
             continue
         children = list(mod.named_children())
-        for (a, ma), (b, mb) in zip(children, children[1:]):
+        for (a, ma), (b, mb) in zip(children, children[1:], strict=False):
             if isinstance(ma, nn.Conv2d) and isinstance(mb, nn.BatchNorm2d):
                 prefix = f"{name}." if name else ""
                 pairs.append((prefix + a, prefix + b))
@@ -84,7 +85,7 @@ def fold_batchnorm(model: nn.Module) -> list[tuple[str, str]]:
         pairs = _pairs_sequential(model)
     for conv_name, bn_name in pairs:
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
-        if conv.out_channels != bn.num_features:
+        if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)) or conv.out_channels != bn.num_features:
             continue
         fold_conv_bn(conv, bn)
         _set_module(model, bn_name, nn.Identity())

@@ -4,22 +4,28 @@
 ``weight_quantizer`` (with ``spec``, ``scale``, ``zero_point``, ``int_weight()``)
 and activation quantizers carry ``spec``, ``scale`` and ``zero_point``.
 Reading only these attributes keeps measurement independent of the quant
-package's class names.
+package's class names; the type guards name the classes that implement the
+contract, so type checkers know the attributes' types.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, TypeGuard
+
 import torch
 from torch import nn
 
+if TYPE_CHECKING:  # for the type guards only: modules imports graph, which imports this module
+    from bitsweep.quant.modules import ActivationQuantizer, QuantConv2d, QuantLinear
 
-def is_weight_layer(module: nn.Module) -> bool:
+
+def is_weight_layer(module: nn.Module) -> TypeGuard[QuantConv2d | QuantLinear]:
     """True for a quantized Conv/Linear: it has a ``weight_quantizer`` with a spec."""
     wq = getattr(module, "weight_quantizer", None)
     return wq is not None and hasattr(wq, "spec")
 
 
-def is_activation_quantizer(module: nn.Module) -> bool:
+def is_activation_quantizer(module: nn.Module) -> TypeGuard[ActivationQuantizer]:
     """True for an activation quantizer module: it has ``spec``, ``scale`` and ``zero_point`` but no weight."""
     return (
         all(hasattr(module, a) for a in ("spec", "scale", "zero_point"))
@@ -29,12 +35,12 @@ def is_activation_quantizer(module: nn.Module) -> bool:
     )
 
 
-def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def weight_layers(model: nn.Module) -> list[tuple[str, QuantConv2d | QuantLinear]]:
     """(qualified name, module) of every quantized weight layer, in registration order."""
     return [(n, m) for n, m in model.named_modules() if is_weight_layer(m)]
 
 
-def activation_quantizers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def activation_quantizers(model: nn.Module) -> list[tuple[str, ActivationQuantizer]]:
     """(qualified name, module) of every activation quantizer, in registration order."""
     return [(n, m) for n, m in model.named_modules() if n and is_activation_quantizer(m)]
 
@@ -53,7 +59,7 @@ def other_state(model: nn.Module) -> dict[str, torch.Tensor]:
             continue
         owner = next((p for p in skip_prefixes if key.startswith(p)), None)
         if owner is not None:
-            rest = key[len(owner):]
+            rest = key[len(owner) :]
             if rest in ("weight", "bias") or "_quantizer" in rest:
                 continue
         out[key] = t

@@ -23,24 +23,67 @@ Stable attributes that measurement and export read (and nothing else):
 Modes: after ``quantize_`` every quantizer is a no-op (the model computes what
 the float model did); ``calibrate`` switches activation quantizers to observe;
 ``convert`` freezes qparams and computes the quantized weights once.
+
+Seams for learned methods: a weight quantizer's integers come from its
+rounding policy (:mod:`bitsweep.quant.rounding`, round-to-nearest by default)
+or are set directly with ``set_integers``; ``make_trainable()`` turns a
+quantizer's ``scale`` buffer into an ``nn.Parameter`` that fake-quant trains
+with the LSQ gradient, and ``freeze()`` turns it back (same state-dict key).
 Binary weights (1-bit) have integers -1/+1 and ``zero_point`` 0.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bitsweep.quant.graph import clamp_bounds  # the one clamp detector (by behaviour)
 from bitsweep.quant.observers import ActivationStats, weight_qparams
-from bitsweep.quant.primitives import dequantize, fake_quantize, fake_quantize_fast, quantize
+from bitsweep.quant.primitives import (
+    dequantize,
+    fake_quantize,
+    fake_quantize_fast,
+    fake_quantize_lsq,
+    lsq_grad_scale,
+)  # fmt: skip
+from bitsweep.quant.rounding import RoundingPolicy, check_integers, rounding_policy
 from bitsweep.quant.spec import QuantSpec
 
 MODES = ("off", "observe", "quantize")
 
 
+def _scale_to_parameter(module: ActivationQuantizer | WeightQuantizer) -> None:
+    """Re-register ``module.scale`` as a trainable ``nn.Parameter`` (same name, so state dicts still load)."""
+    if not isinstance(module.scale, nn.Parameter):
+        value = module.scale.detach().clone().float()
+        delattr(module, "scale")
+        module.scale = nn.Parameter(value)
+
+
+def _scale_to_buffer(module: ActivationQuantizer | WeightQuantizer) -> None:
+    """Re-register a trainable ``module.scale`` as a plain buffer holding its learned value."""
+    if isinstance(module.scale, nn.Parameter):
+        value = module.scale.detach().clone()
+        delattr(module, "scale")
+        module.register_buffer("scale", value)
+
+
+def _assign_scale(module: ActivationQuantizer | WeightQuantizer, value: torch.Tensor) -> None:
+    """Set ``module.scale`` to ``value`` whether it is a buffer or a trainable parameter."""
+    if isinstance(module.scale, nn.Parameter):
+        module.scale.data = value.detach().to(device=module.scale.device, dtype=torch.float32)
+    else:
+        module.scale = value
+
+
 class ActivationQuantizer(nn.Module):
     """Fake-quantizes one activation tensor, per tensor, with frozen qparams after ``convert``."""
+
+    scale: torch.Tensor  # a buffer, or an nn.Parameter while trainable
+    zero_point: torch.Tensor
 
     def __init__(
         self, spec: QuantSpec, observer: str = "minmax", site: str = "activation", inplace: bool = False
@@ -53,14 +96,41 @@ class ActivationQuantizer(nn.Module):
         self.site = site
         self.mode = "off"
         self.stats: ActivationStats | None = None
+        self.lsq_grad_scale = True  # scale the step-size gradient by 1/sqrt(elements per image * qmax)
         self.register_buffer("scale", torch.ones((), dtype=torch.float32))
         self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32))
         self._fast: tuple[float, float, float, float] = (1.0, 1.0, float(spec.qmin), float(spec.qmax))
 
+    @property
+    def trainable(self) -> bool:
+        """True while ``scale`` is an ``nn.Parameter`` learned with the LSQ gradient."""
+        return isinstance(self.scale, nn.Parameter)
+
+    def make_trainable(self, grad_scale: bool = True) -> nn.Parameter:
+        """Turn ``scale`` into a parameter that fake-quant trains (LSQ); needs frozen qparams (``convert``).
+
+        Args:
+            grad_scale: multiply the step-size gradient by ``1 / sqrt(elements per image * qmax)``
+                (the LSQ paper's scaling); False passes the plain gradient.
+
+        Returns:
+            The new ``scale`` parameter, for the optimizer.
+        """
+        if self.mode != "quantize":
+            raise ValueError(f"the {self.site} quantizer has no qparams yet; calibrate and convert before training")
+        _scale_to_parameter(self)
+        self.lsq_grad_scale = grad_scale
+        return self.scale  # type: ignore[return-value]
+
+    def freeze(self) -> None:
+        """Stop learning ``scale``: keep its learned value as a buffer and refresh the inference path."""
+        _scale_to_buffer(self)
+        self.refresh()
+
     def set_qparams(self, spec: QuantSpec, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
         """Freeze ``spec``, ``scale`` and ``zero_point`` and switch to quantizing."""
         self.spec = spec
-        self.scale = scale.detach().reshape(()).to(device=self.scale.device, dtype=torch.float32)
+        _assign_scale(self, scale.detach().reshape(()).to(device=self.scale.device, dtype=torch.float32))
         self.zero_point = zero_point.detach().reshape(()).to(device=self.zero_point.device, dtype=torch.int32)
         self.refresh()
         self.mode = "quantize"
@@ -79,62 +149,142 @@ class ActivationQuantizer(nn.Module):
             return x
         if self.mode != "quantize":
             return x
+        if self.trainable:
+            if not torch.is_grad_enabled():
+                return fake_quantize(x, self.scale.detach(), self.zero_point, self.spec)
+            per_image = x.numel() // x.shape[0] if x.dim() > 1 else x.numel()
+            g = lsq_grad_scale(per_image, self.spec) if self.lsq_grad_scale else 1.0
+            return fake_quantize_lsq(x, self.scale, self.zero_point, self.spec, g)
         if (x.requires_grad and torch.is_grad_enabled()) or x.dtype != torch.float32:
             return fake_quantize(x, self.scale, self.zero_point, self.spec)
         return fake_quantize_fast(x, *self._fast, inplace=self.inplace)
 
     def extra_repr(self) -> str:
-        return f"site={self.site}, bits={self.spec.bits}, signed={self.spec.signed}, mode={self.mode}"
+        extra = ", trainable" if self.trainable else ""
+        return f"site={self.site}, bits={self.spec.bits}, signed={self.spec.signed}, mode={self.mode}{extra}"
 
 
 class WeightQuantizer(nn.Module):
-    """Per-channel (or per-tensor) weight quantizer; integers computed once at ``convert``."""
+    """Per-channel (or per-tensor) weight quantizer; integers computed once at ``convert``.
 
-    def __init__(self, spec: QuantSpec, observer: str = "minmax") -> None:
+    Args:
+        spec: the weight grid.
+        observer: how to choose scale and zero_point (a name in ``OBSERVERS``).
+        rounding: the rounding policy (a name in ``ROUNDING_POLICIES`` or a policy object).
+        shape: the weight's shape, checked by :meth:`set_integers` when given.
+    """
+
+    scale: torch.Tensor  # a buffer, or an nn.Parameter while trainable
+    zero_point: torch.Tensor
+    q: torch.Tensor
+
+    def __init__(
+        self,
+        spec: QuantSpec,
+        observer: str = "minmax",
+        rounding: RoundingPolicy | str = "nearest",
+        shape: tuple[int, ...] | None = None,
+    ) -> None:
         super().__init__()
         self.spec = spec
         self.observer = observer
+        self.rounding: RoundingPolicy = rounding_policy(rounding) if isinstance(rounding, str) else rounding
+        self.shape = None if shape is None else tuple(shape)
+        self.lsq_grad_scale = True  # scale the step-size gradient by 1/sqrt(elements per channel * qmax)
         self.register_buffer("scale", torch.ones((), dtype=torch.float32))
         self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32))
         self.register_buffer("q", torch.zeros(0, dtype=torch.int32))
 
+    @property
+    def trainable(self) -> bool:
+        """True while ``scale`` is an ``nn.Parameter`` learned with the LSQ gradient."""
+        return isinstance(self.scale, nn.Parameter)
+
     @torch.no_grad()
     def compute(self, weight: torch.Tensor) -> torch.Tensor:
-        """Choose qparams for ``weight``, store its integers, and return the dequantized weight."""
-        scale, zero_point = weight_qparams(weight, self.spec, self.observer)
-        self.scale = scale.to(weight.device)
-        self.zero_point = zero_point.to(weight.device)
-        self.q = quantize(weight, self.scale, self.zero_point, self.spec)
+        """Choose qparams for ``weight`` (a trainable scale keeps its learned value), store the integers
+        the rounding policy picks, and return the dequantized weight."""
+        if not self.trainable:
+            scale, zero_point = weight_qparams(weight, self.spec, self.observer)
+            self.scale = scale.to(weight.device)
+            self.zero_point = zero_point.to(weight.device)
+        q = self.rounding(weight, self.scale.detach(), self.zero_point, self.spec)
+        self.q = check_integers(q, self.scale.detach(), self.zero_point, self.spec, tuple(weight.shape))
         return self.dequantized().to(weight.dtype)
+
+    @torch.no_grad()
+    def set_integers(self, q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        """Store integers an algorithm chose (learned rounding, reconstruction) with their qparams.
+
+        ``q`` must hold whole numbers in ``spec.qmin..spec.qmax`` shaped like the weight; ``scale`` and
+        ``zero_point`` one entry per channel (per channel) or one (per tensor). Everything lands on ``q``'s
+        device. The owning layer's ``set_integers`` also refreshes its cached dequantized weight.
+
+        Raises:
+            ValueError: saying which of those does not hold.
+        """
+        q32 = check_integers(q, scale, zero_point, self.spec, self.shape)
+        shape = (-1,) if self.spec.per_channel and scale.numel() > 1 else ()
+        _assign_scale(self, scale.detach().reshape(shape).to(device=q.device, dtype=torch.float32))
+        self.zero_point = zero_point.detach().reshape(shape).round().to(device=q.device, dtype=torch.int32)
+        self.q = q32.to(q.device)
+
+    def make_trainable(self, grad_scale: bool = True) -> nn.Parameter:
+        """Turn ``scale`` into a parameter that :meth:`fake_quantize` trains (LSQ); needs qparams (``convert``).
+
+        Args:
+            grad_scale: multiply the step-size gradient by ``1 / sqrt(elements per channel * qmax)``.
+
+        Returns:
+            The new ``scale`` parameter, for the optimizer.
+        """
+        if self.q.numel() == 0:
+            raise ValueError("the weight quantizer has no qparams yet; convert (or set_integers) before training them")
+        _scale_to_parameter(self)
+        self.lsq_grad_scale = grad_scale
+        return self.scale  # type: ignore[return-value]
+
+    def freeze(self) -> None:
+        """Stop learning ``scale``; its learned value stays (as a buffer)."""
+        _scale_to_buffer(self)
 
     def dequantized(self) -> torch.Tensor:
         """``(q - zero_point) * scale`` from the stored integers."""
-        return dequantize(self.q, self.scale, self.zero_point, self.spec)
+        return dequantize(self.q, self.scale.detach(), self.zero_point, self.spec)
 
     def int_weight(self) -> torch.Tensor:
         """The integer weights (int32, same shape as the weight); empty before ``convert``."""
         return self.q
 
     def fake_quantize(self, weight: torch.Tensor) -> torch.Tensor:
-        """Differentiable fake-quant of a changing weight (for quantization-aware training)."""
+        """Differentiable fake-quant of a changing weight (for quantization-aware training).
+
+        A trainable scale is used as it is and receives the LSQ gradient; otherwise the
+        observer picks qparams from the current weight and only the weight gets a gradient.
+        """
+        if self.trainable:
+            channels = weight.shape[self.spec.channel_axis] if self.spec.per_channel else 1
+            g = lsq_grad_scale(weight.numel() // channels, self.spec) if self.lsq_grad_scale else 1.0
+            return fake_quantize_lsq(weight, self.scale, self.zero_point, self.spec, g)
         scale, zero_point = weight_qparams(weight, self.spec, self.observer)
         return fake_quantize(weight, scale.to(weight.device), zero_point.to(weight.device), self.spec)
 
     def extra_repr(self) -> str:
-        return f"bits={self.spec.bits}, granularity={self.spec.granularity}, observer={self.observer}"
+        extra = ", trainable" if self.trainable else ""
+        return f"bits={self.spec.bits}, granularity={self.spec.granularity}, observer={self.observer}{extra}"
 
 
 class _QuantWeightMixin:
     """Shared state of quantized weight layers: weight quantizer, optional input/output quantizers."""
 
-    weight: nn.Parameter
+    weight: torch.Tensor
     weight_quantizer: WeightQuantizer
     input_quantizer: ActivationQuantizer | None
     output_quantizer: ActivationQuantizer | None
     weight_mode: str
 
     def _init_quant(self, spec: QuantSpec, observer: str) -> None:
-        self.weight_quantizer = WeightQuantizer(spec, observer)
+        self.weight_quantizer = WeightQuantizer(spec, observer, shape=tuple(self.weight.shape))
         self.input_quantizer = None
         self.output_quantizer = None
         self.weight_mode = "off"  # off | quantize (frozen integers) | qat (fake-quant every step)
@@ -150,6 +300,27 @@ class _QuantWeightMixin:
         self.weight_fq = self.weight_quantizer.dequantized().to(self.weight.dtype)
         self.weight_mode = "quantize"
 
+    def set_integers(self, q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        """Use integers an algorithm chose (see :meth:`WeightQuantizer.set_integers`); forward then uses them."""
+        self.weight_quantizer.set_integers(q, scale, zero_point)
+        self.refresh()
+
+    def make_trainable(self, grad_scale: bool = True) -> nn.Parameter:
+        """Learn the weight scale with LSQ: fake-quantize the weight every step (``weight_mode`` ``qat``).
+
+        Quantizes the weight first when it has no qparams yet. Returns the scale parameter.
+        """
+        if self.weight_quantizer.q.numel() == 0:
+            self.convert_weight()
+        scale = self.weight_quantizer.make_trainable(grad_scale)
+        self.weight_mode = "qat"
+        return scale
+
+    def freeze(self) -> None:
+        """Stop learning: keep the learned scale, pick the integers with it and use them (``weight_mode`` quantize)."""
+        self.convert_weight()  # while the scale is still trainable, so the learned value is kept
+        self.weight_quantizer.freeze()
+
     def int_weight(self) -> torch.Tensor:
         """The integer weights (int32), same as ``weight_quantizer.int_weight()``."""
         return self.weight_quantizer.int_weight()
@@ -161,7 +332,7 @@ class _QuantWeightMixin:
             return self.weight_quantizer.fake_quantize(self.weight)
         return self.weight
 
-    def _io(self, x: torch.Tensor, compute) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    def _io(self, x: torch.Tensor, compute: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         out = compute(x, self._current_weight())
@@ -176,8 +347,8 @@ class QuantConv2d(_QuantWeightMixin, nn.Conv2d):
     @classmethod
     def from_float(cls, conv: nn.Conv2d, spec: QuantSpec, observer: str = "minmax") -> QuantConv2d:
         """Build from a float conv, sharing its parameters and keeping its device and dtype."""
-        new = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+        new = cls(  # nn.Conv2d stores its sizes as tuples of any length, its constructor types them as pairs
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,  # type: ignore[arg-type]
             conv.groups, conv.bias is not None, conv.padding_mode,
             device=conv.weight.device, dtype=conv.weight.dtype,
         )  # fmt: skip
@@ -190,7 +361,7 @@ class QuantConv2d(_QuantWeightMixin, nn.Conv2d):
     def to_float(self) -> nn.Conv2d:
         """A plain ``nn.Conv2d`` holding the current (dequantized when converted) weight."""
         conv = nn.Conv2d(
-            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding, self.dilation,
+            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding, self.dilation,  # type: ignore[arg-type]
             self.groups, self.bias is not None, self.padding_mode,
             device=self.weight.device, dtype=self.weight.dtype,
         )  # fmt: skip
@@ -228,22 +399,6 @@ class QuantLinear(_QuantWeightMixin, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._io(x, lambda t, w: F.linear(t, w, self.bias))
-
-
-@torch.no_grad()
-def clamp_bounds(module: nn.Module) -> tuple[float, float] | None:
-    """(a, b) if ``module(x) == clamp(x, a, b)`` on a probe of values from -1e4 to 1e4, else None."""
-    if list(module.parameters()) or list(module.buffers()):
-        return None
-    x = torch.cat([torch.linspace(-1e4, 1e4, 2001), torch.linspace(-20, 20, 4001)])
-    try:
-        y = module(x.clone())
-        a, b = module(torch.tensor([-1e6])).item(), module(torch.tensor([1e6])).item()
-    except Exception:  # noqa: BLE001 - not an elementwise activation of a 1-d tensor
-        return None
-    if not isinstance(y, torch.Tensor) or y.shape != x.shape or not a < b:
-        return None
-    return (a, b) if torch.equal(y, x.clamp(a, b)) else None
 
 
 class QuantOutput(nn.Module):
@@ -289,14 +444,19 @@ class QuantOutput(nn.Module):
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
         q = self.output_quantizer
-        if self.fused and q is not None and q.mode == "quantize" and len(args) == 1 and not (
-            args[0].requires_grad and torch.is_grad_enabled()
-        ) and args[0].dtype == torch.float32:
+        if (
+            self.fused
+            and q is not None
+            and q.mode == "quantize"
+            and len(args) == 1
+            and not (args[0].requires_grad and torch.is_grad_enabled())
+            and args[0].dtype == torch.float32
+        ):
             return fake_quantize_fast(args[0], *q._fast)  # never in place: the input may have other readers
         if self.input_quantizers is not None:
             qs = list(self.input_quantizers)
             args = tuple(qs[i](a) if i < len(qs) else a for i, a in enumerate(args))
-        out = self.module(*args)
+        out: torch.Tensor = self.module(*args)
         return self.output_quantizer(out) if self.output_quantizer is not None else out
 
     def to_float(self) -> nn.Module:

@@ -7,7 +7,7 @@ of values - once, on the floating-point (BN-folded) model. :meth:`ActivationStat
 then derives scale and zero_point for any spec and any observer, so a sweep over
 25 (weight, activation) bit widths calibrates once instead of 25 times.
 
-Observers (``OBSERVERS``):
+Observers (the ``OBSERVERS`` registry, name -> :class:`Observer`):
     minmax          the full observed range; never clips.
     moving_average  a moving average (factor 0.1) of each batch's min and max, less sensitive to one outlier batch.
     percentile      the 0.01 and 99.99 percentiles of the sample (weights: of each channel).
@@ -20,13 +20,14 @@ directly (per channel by default, so depthwise filters each get their own scale)
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from types import MappingProxyType
 
 import torch
 
 from bitsweep.quant.primitives import binary_scale, choose_qparams, fake_quantize_reference
 from bitsweep.quant.spec import QuantSpec
 
-OBSERVERS: tuple[str, ...] = ("minmax", "moving_average", "percentile", "mse")
 EMA_FACTOR = 0.1
 PERCENTILE = 99.99
 MSE_CANDIDATES = 64
@@ -36,13 +37,6 @@ SAMPLE_LIMIT = 1 << 18
 # 32k subset of the sample (still drawn from every calibration batch) picks
 # the same clipping range to within a grid step and is 8x cheaper.
 MSE_SAMPLE = 1 << 15
-
-
-def check_observer(name: str) -> str:
-    """Return ``name`` if it is a known observer, else raise ValueError listing the choices."""
-    if name not in OBSERVERS:
-        raise ValueError(f"unknown observer {name!r}; choose one of {', '.join(OBSERVERS)}")
-    return name
 
 
 class ActivationStats:
@@ -99,21 +93,10 @@ class ActivationStats:
 
     def qparams(self, spec: QuantSpec, observer: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale and zero_point of this site for ``spec`` (use :meth:`effective_spec` first)."""
-        check_observer(observer)
+        rule = get_observer(observer)
         if self.min is None or self.max is None or self.ema_min is None or self.ema_max is None:
             raise ValueError("activation site was never observed; run calibrate() with at least one batch")
-        if observer == "minmax":
-            return choose_qparams(self.min, self.max, spec)
-        if observer == "moving_average":
-            return choose_qparams(self.ema_min, self.ema_max, spec)
-        if observer == "percentile":
-            lo = torch.quantile(self.sample, 1 - PERCENTILE / 100)
-            hi = torch.quantile(self.sample, PERCENTILE / 100)
-            return choose_qparams(lo, hi, spec)
-        sample = self.sample
-        if sample.numel() > MSE_SAMPLE:
-            sample = sample[:: sample.numel() // MSE_SAMPLE]
-        return _mse_qparams(sample.reshape(1, -1), self.min.reshape(1), self.max.reshape(1), spec, per_row=False)
+        return rule.activation_qparams(self, spec)
 
 
 def _mse_qparams(
@@ -133,6 +116,101 @@ def _mse_qparams(
     return best_s, best_z
 
 
+class Observer:
+    """How one observer turns what was seen into qparams; subclasses override the two rules.
+
+    Activations are judged from :class:`ActivationStats` (bit-width free);
+    weights from their rows, one row per channel (``(C, K)``, or ``(1, K)`` per tensor).
+    """
+
+    name = "minmax"
+
+    def activation_qparams(self, stats: ActivationStats, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale and zero_point of an observed activation site (min and max of every batch)."""
+        assert stats.min is not None and stats.max is not None
+        return choose_qparams(stats.min, stats.max, spec)
+
+    def weight_range(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The range (lo, hi) of each row of ``rows`` (R, K) to map onto the grid."""
+        return rows.amin(dim=1), rows.amax(dim=1)
+
+    def weight_qparams(self, rows: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale and zero_point per row of ``rows`` (R, K); shape (R,)."""
+        lo, hi = self.weight_range(rows)
+        return choose_qparams(lo, hi, spec)
+
+
+class MinMaxObserver(Observer):
+    """The full observed range; never clips."""
+
+    name = "minmax"
+
+
+class MovingAverageObserver(Observer):
+    """A moving average (factor ``EMA_FACTOR``) of each batch's min and max; for a fixed weight, its min and max."""
+
+    name = "moving_average"
+
+    def activation_qparams(self, stats: ActivationStats, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        assert stats.ema_min is not None and stats.ema_max is not None
+        return choose_qparams(stats.ema_min, stats.ema_max, spec)
+
+
+class PercentileObserver(Observer):
+    """The ``100 - PERCENTILE`` and ``PERCENTILE`` percentiles of the sample (weights: of each channel)."""
+
+    name = "percentile"
+
+    def activation_qparams(self, stats: ActivationStats, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        lo = torch.quantile(stats.sample, 1 - PERCENTILE / 100)
+        hi = torch.quantile(stats.sample, PERCENTILE / 100)
+        return choose_qparams(lo, hi, spec)
+
+    def weight_range(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.quantile(rows, 1 - PERCENTILE / 100, dim=1), torch.quantile(rows, PERCENTILE / 100, dim=1)
+
+
+class MSEObserver(Observer):
+    """The clipping range, searched over ``MSE_CANDIDATES`` shrink factors, with the least squared error."""
+
+    name = "mse"
+
+    def activation_qparams(self, stats: ActivationStats, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        assert stats.min is not None and stats.max is not None
+        sample = stats.sample
+        if sample.numel() > MSE_SAMPLE:
+            sample = sample[:: sample.numel() // MSE_SAMPLE]
+        return _mse_qparams(sample.reshape(1, -1), stats.min.reshape(1), stats.max.reshape(1), spec, per_row=False)
+
+    def weight_qparams(self, rows: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi = self.weight_range(rows)
+        return _mse_qparams(rows, lo, hi, spec, per_row=True)
+
+
+# The registry: observer name -> rule. Read-only, so no caller can change another's observers.
+OBSERVERS: Mapping[str, Observer] = MappingProxyType(
+    {o.name: o for o in (MinMaxObserver(), MovingAverageObserver(), PercentileObserver(), MSEObserver())}
+)
+
+
+def get_observer(name: str) -> Observer:
+    """The observer registered as ``name``; ValueError listing the choices for any other name.
+
+    >>> get_observer("mse").name
+    'mse'
+    """
+    try:
+        return OBSERVERS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown observer {name!r}; choose one of {', '.join(OBSERVERS)}") from None
+
+
+def check_observer(name: str) -> str:
+    """Return ``name`` if it is a registered observer, else raise ValueError listing the choices."""
+    get_observer(name)
+    return name
+
+
 @torch.no_grad()
 def weight_qparams(
     weight: torch.Tensor, spec: QuantSpec, observer: str = "minmax"
@@ -142,7 +220,7 @@ def weight_qparams(
     Binary weights always use the mean-|w| scale (:func:`binary_scale`);
     ``moving_average`` means the same as ``minmax`` for a fixed tensor.
     """
-    check_observer(observer)
+    rule = get_observer(observer)
     w = weight.detach().float().cpu()
     if spec.binary:
         s = binary_scale(w, spec)
@@ -151,15 +229,7 @@ def weight_qparams(
         rows = w.movedim(spec.channel_axis, 0).reshape(w.shape[spec.channel_axis], -1)  # (C, K)
     else:
         rows = w.reshape(1, -1)  # (1, K)
-    if observer == "percentile":
-        lo = torch.quantile(rows, 1 - PERCENTILE / 100, dim=1)
-        hi = torch.quantile(rows, PERCENTILE / 100, dim=1)
-    else:
-        lo, hi = rows.amin(dim=1), rows.amax(dim=1)
-    if observer == "mse":
-        s, z = _mse_qparams(rows, lo, hi, spec, per_row=True)
-    else:
-        s, z = choose_qparams(lo, hi, spec)
+    s, z = rule.weight_qparams(rows, spec)
     if not spec.per_channel:
         s, z = s.reshape(()), z.reshape(())
     return s, z

@@ -29,6 +29,8 @@ True
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from bitsweep.quant.spec import QuantSpec, qrange
@@ -43,6 +45,8 @@ __all__ = [
     "fake_quantize",
     "fake_quantize_reference",
     "fake_quantize_fast",
+    "fake_quantize_lsq",
+    "lsq_grad_scale",
 ]
 
 SCALE_EPS = 1e-12  # smallest scale; 1 / SCALE_EPS is still finite in float32
@@ -57,9 +61,7 @@ def _broadcast(t: torch.Tensor, x: torch.Tensor, spec: QuantSpec) -> torch.Tenso
     return t.reshape(shape)
 
 
-def choose_qparams(
-    min_val: torch.Tensor, max_val: torch.Tensor, spec: QuantSpec
-) -> tuple[torch.Tensor, torch.Tensor]:
+def choose_qparams(min_val: torch.Tensor, max_val: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale (float32) and zero_point (int32) that map [min_val, max_val] onto the grid of ``spec``.
 
     The range is first widened to include 0, so zero (padding, ReLU's floor)
@@ -180,8 +182,80 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     [1.0, 1.0, 0.0]
     """
     if x.requires_grad and torch.is_grad_enabled():
-        return _FakeQuantSTE.apply(x, scale, zero_point, spec)
+        out: torch.Tensor = _FakeQuantSTE.apply(x, scale, zero_point, spec)  # type: ignore[no-untyped-call]
+        return out
     return fake_quantize_reference(x, scale, zero_point, spec).to(x.dtype)
+
+
+class _FakeQuantLSQ(torch.autograd.Function):
+    """Fake-quant with a learned step size (LSQ): gradients for ``x`` (straight-through) and ``scale``."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, spec, grad_scale):  # type: ignore[no-untyped-def]
+        out = fake_quantize_reference(x, scale, zero_point, spec)
+        s = _broadcast(scale.detach().float(), x, spec)
+        xf = x.detach().float()
+        if spec.binary:
+            inside = xf.abs() <= s
+            d_scale = torch.where(xf >= 0, 1.0, -1.0)  # x_hat = s * sign(x)
+        else:
+            z = _broadcast(zero_point, x, spec).float()
+            v = xf * (1.0 / s)
+            r = torch.round(v)
+            lo, hi = spec.qmin - z, spec.qmax - z  # the grid's range around the zero point
+            inside = (r >= lo) & (r <= hi)
+            d_scale = torch.where(inside, r - v, torch.where(r < lo, lo, hi))
+        ctx.save_for_backward(inside, d_scale)
+        ctx.spec, ctx.scale_shape, ctx.grad_scale = spec, scale.shape, grad_scale
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[no-untyped-def]
+        inside, d_scale = ctx.saved_tensors
+        spec, shape = ctx.spec, ctx.scale_shape
+        g = grad.float() * d_scale * ctx.grad_scale
+        if spec.per_channel and math.prod(shape) > 1:
+            g = g.movedim(spec.channel_axis, 0).reshape(g.shape[spec.channel_axis], -1).sum(dim=1)  # (C,)
+        else:
+            g = g.sum()
+        return grad * inside.to(grad.dtype), g.reshape(shape), None, None, None
+
+
+def fake_quantize_lsq(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec, grad_scale: float = 1.0
+) -> torch.Tensor:
+    """Fake-quant whose step size learns (Esser et al., 2020, "Learned Step Size Quantization").
+
+    The forward value is the reference formula's, bit for bit. The backward
+    pass gives ``x`` the straight-through gradient of :func:`fake_quantize`
+    and gives ``scale`` (per tensor or per channel) the LSQ gradient of
+    ``x_hat = (clamp(round(x / s) + z, qmin, qmax) - z) * s``: ``round(x/s) - x/s``
+    where ``x`` lands inside the grid, ``qmin - z`` below it and ``qmax - z``
+    above it (binary grids: ``sign(x)``), times ``grad_scale`` (see
+    :func:`lsq_grad_scale`). The zero point stays fixed.
+
+    >>> x, s = torch.tensor([0.26, -3.0, 0.9]), torch.tensor(0.5, requires_grad=True)
+    >>> y = fake_quantize_lsq(x, s, torch.tensor(0), QuantSpec(3))  # levels -2.0 .. 1.5
+    >>> y.tolist()
+    [0.5, -2.0, 1.0]
+    >>> y.sum().backward(); round(s.grad.item(), 4)  # (1 - 0.52) + (-4) + (2 - 1.8)
+    -3.32
+    """
+    out: torch.Tensor = _FakeQuantLSQ.apply(x, scale, zero_point, spec, float(grad_scale))  # type: ignore[no-untyped-call]
+    return out
+
+
+def lsq_grad_scale(elements: int, spec: QuantSpec) -> float:
+    """LSQ's step-size gradient scale ``1 / sqrt(elements * qmax)``.
+
+    ``elements`` is how many values share one scale in one sample (a weight's
+    elements per channel, an activation's elements per image), so the scale
+    learns at about the pace of the values it serves.
+
+    >>> round(lsq_grad_scale(100, QuantSpec(8, signed=False)), 5)
+    0.00626
+    """
+    return 1.0 / math.sqrt(max(elements, 1) * max(spec.qmax, 1))
 
 
 def fake_quantize_fast(

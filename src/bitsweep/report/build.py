@@ -14,7 +14,7 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 from bitsweep.io import atomic_path, write_text_atomic
@@ -60,6 +60,28 @@ class ReportPaths:
     recommendation: Recommendation | None
 
 
+def checkpoint_name(path: str | None) -> str:
+    """The checkpoint as its run folder and file name: a report names no absolute path of the machine that made it.
+
+    >>> checkpoint_name("/home/ana/runs/fm-mbv2/best.pt")
+    'fm-mbv2/best.pt'
+    >>> checkpoint_name(None)
+    '?'
+    """
+    if not path:
+        return "?"
+    p = PurePath(str(path))
+    return f"{p.parent.name}/{p.name}" if p.parent.name else p.name
+
+
+def _relative_to(path: Path, folder: Path) -> str:
+    """``path`` relative to ``folder`` when inside it, else its file name (never an absolute path)."""
+    try:
+        return path.resolve().relative_to(folder.resolve()).as_posix()
+    except ValueError:
+        return path.name
+
+
 def _fmt(value: Any, fmt: str) -> str:
     if value is None or value == "":
         return "–"
@@ -69,7 +91,9 @@ def _fmt(value: Any, fmt: str) -> str:
         return str(value)
 
 
-def _table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str, str]]) -> tuple[list[str], list[list[str]]]:
+def _table(
+    rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str, str]]
+) -> tuple[list[str], list[list[str]]]:
     present = [c for c in columns if any(r.get(c[0]) is not None for r in rows)]
     return [h for _, h, _ in present], [[_fmt(r.get(k), f) for k, _, f in present] for r in rows]
 
@@ -97,6 +121,7 @@ def _sort_key(r: Mapping[str, Any]) -> tuple[Any, ...]:
         r.get("activation_bits") or 99,
         str(r.get("granularity")),
         str(r.get("observer")),
+        str(r.get("method", "rtn")),  # rows written before the method axis were all rtn
     )
 
 
@@ -104,17 +129,26 @@ def _recommended_lines(rec: Recommendation | None, baseline: Mapping[str, Any] |
     """(name, value) pairs describing the recommendation, shared by Markdown and HTML."""
     lines: list[tuple[str, str]] = []
     if baseline is not None:
-        lines.append(("FP32 baseline", f"val {_fmt(baseline.get('val_top1'), '{:.2f}')} %, "
-                      f"test {_fmt(baseline.get('test_top1'), '{:.2f}')} %, "
-                      f"{_fmt(baseline.get('size_bytes'), '{:,.0f}')} bytes"))
+        lines.append(
+            (
+                "FP32 baseline",
+                f"val {_fmt(baseline.get('val_top1'), '{:.2f}')} %, "
+                f"test {_fmt(baseline.get('test_top1'), '{:.2f}')} %, "
+                f"{_fmt(baseline.get('size_bytes'), '{:,.0f}')} bytes",
+            )
+        )
     if rec is None:
         lines.append(("Recommended configuration", "none yet: the FP32 baseline has not been evaluated"))
         return lines
     lines.append(("Recommended configuration", rec.summary()))
     if rec.row is not None:
         r = rec.row
-        lines.append(("Validation top-1 (used to choose)", f"{_fmt(r.get('val_top1'), '{:.2f}')} % "
-                      f"(drop {rec.drop:.2f} points, budget {rec.max_drop:g})"))
+        lines.append(
+            (
+                "Validation top-1 (used to choose)",
+                f"{_fmt(r.get('val_top1'), '{:.2f}')} % (drop {rec.drop:.2f} points, budget {rec.max_drop:g})",
+            )
+        )
         lines.append(("Test top-1 (reported, not used to choose)", f"{_fmt(r.get('test_top1'), '{:.2f}')} %"))
         for key, name, fmt in FOUR_FIGURES:
             lines.append((name, _fmt(r.get(key), fmt)))
@@ -145,7 +179,11 @@ def build_report(
     rows = sorted(res.rows, key=_sort_key)
     baseline = res.baseline
     front = pareto_front(rows)
-    rec = recommend(rows, float(baseline["val_top1"]), max_drop) if baseline and baseline.get("val_top1") is not None else None
+    rec = (
+        recommend(rows, float(baseline["val_top1"]), max_drop)
+        if baseline and baseline.get("val_top1") is not None
+        else None
+    )
     rec_row = rec.row if rec is not None else None
 
     figs = {
@@ -165,12 +203,14 @@ def build_report(
     identity = header.get("identity", {})
     env = header.get("environment", {})
     model = f"{identity.get('model', 'model')} x{identity.get('width', '?')}"
-    title = f"bitsweep report: {model} on {identity.get('dataset', '?')} ({header.get('checkpoint', '?')})"
+    title = f"bitsweep report: {model} on {identity.get('dataset', '?')} ({checkpoint_name(header.get('checkpoint'))})"
     rec_lines = _recommended_lines(rec, baseline)
     headers, body = _table(rows, COLUMNS)
     fheaders, fbody = _table(front, COLUMNS)
-    highlight = next((i for i, r in enumerate(rows) if rec_row is not None and r.get("cell_id") == rec_row.get("cell_id")), None)
-    meta = {**identity, "cells finished": len(rows), "results file": str(res.path)}
+    highlight = next(
+        (i for i, r in enumerate(rows) if rec_row is not None and r.get("cell_id") == rec_row.get("cell_id")), None
+    )
+    meta = {**identity, "cells finished": len(rows), "results file": _relative_to(res.path, out)}
 
     md = [f"# {title}", ""]
     md += ["## Recommendation", ""] + [f"- **{k}:** {v}" for k, v in rec_lines] + [""]

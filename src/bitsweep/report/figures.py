@@ -7,6 +7,7 @@ figure state and works in worker processes and on headless machines.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 from collections.abc import Mapping, Sequence
@@ -17,7 +18,10 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from bitsweep.sweep.grid import AXES
+from bitsweep.sweep.grid import AXES, ID_BASE_AXES, Cell
+
+# Rows written before an axis existed lack its column; they mean the axis default.
+AXIS_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(Cell)}
 
 
 def _render(fig: Figure) -> dict[str, bytes]:
@@ -34,14 +38,16 @@ def _render(fig: Figure) -> dict[str, bytes]:
 
 def group_key(row: Mapping[str, Any]) -> tuple[Any, ...]:
     """The non-bit-width axes of a row (granularity, observer, ...): one heatmap per distinct value."""
-    return tuple(row.get(a) for a in AXES if a not in ("weight_bits", "activation_bits"))
+    return tuple(row.get(a, AXIS_DEFAULTS[a]) for a in AXES if a not in ("weight_bits", "activation_bits"))
 
 
 def group_label(key: tuple[Any, ...]) -> str:
     """Human label of a :func:`group_key`, e.g. ``per_channel, minmax, symmetric``."""
     names = [a for a in AXES if a not in ("weight_bits", "activation_bits")]
     parts = []
-    for name, value in zip(names, key):
+    for name, value in zip(names, key, strict=True):
+        if name not in ID_BASE_AXES and value == AXIS_DEFAULTS[name]:
+            continue  # a newer axis at its default (e.g. method rtn) says nothing
         if name == "symmetric":
             parts.append("symmetric" if value else "asymmetric")
         else:
@@ -68,7 +74,7 @@ def heatmap_figure(
         axes[0].text(0.5, 0.5, "no quantized cells yet", ha="center", va="center")
         axes[0].set_axis_off()
         return _render(fig)
-    for ax, (key, grows) in zip(axes, groups.items()):
+    for ax, (key, grows) in zip(axes, groups.items(), strict=True):
         wbits = sorted({int(r["weight_bits"]) for r in grows})
         abits = sorted({int(r["activation_bits"]) for r in grows})
         grid = np.full((len(wbits), len(abits)), np.nan)  # (W, A)
@@ -89,7 +95,7 @@ def heatmap_figure(
                     ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", color=color, fontsize=8)
         cbar = fig.colorbar(im, ax=ax, shrink=0.85)
         cbar.set_label(f"{metric} (%)")
-    title = f"Validation top-1 (%) by bit width"
+    title = "Validation top-1 (%) by bit width"
     if baseline is not None:
         title += f"; FP32 = {baseline:.2f} %"
     fig.suptitle(title, fontsize=10)

@@ -1,7 +1,10 @@
-"""One call from a trained checkpoint to a finished sweep: grid, runner, Pareto front, recommendation, report.
+"""One call from a trained checkpoint to a finished sweep: grid, runner, Pareto front, recommendation.
 
 The CLI (``bitsweep sweep``) and ``bitsweep quickstart`` both call
-:func:`sweep_checkpoint`; the Python API can too.
+:func:`sweep_checkpoint`; the Python API can too. The report is not built
+here: ``bitsweep.report`` reads sweep results, so it sits above this package,
+and its caller (the CLI, or a user's script) builds it from the results file
+with ``bitsweep.report.build_report(outcome.run.results)``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from bitsweep.sweep.grid import Cell, expand_grid
 from bitsweep.sweep.pareto import Recommendation, pareto_front, recommend
 from bitsweep.sweep.results import make_header
 from bitsweep.sweep.runner import ExecutorConfig, SweepRun, run_sweep
+from bitsweep.training import checkpoint_info, load_checkpoint
 
 
 @dataclass(frozen=True)
@@ -32,13 +36,11 @@ class SweepOutcome:
         run: the runner's record (results file, which cells ran now, which were resumed).
         front: Pareto-optimal rows (packed size vs validation top-1), smallest first.
         recommendation: the smallest configuration within the accuracy budget.
-        report_html: path of report.html, None when the report was not built.
     """
 
     run: SweepRun
     front: tuple[Mapping[str, Any], ...]
-    recommendation: Recommendation | None
-    report_html: Path | None
+    recommendation: Recommendation
 
 
 def sweep_checkpoint(
@@ -50,15 +52,14 @@ def sweep_checkpoint(
     device: torch.device | str = "cpu",
     data_dir: str | None = None,
     max_drop: float = 1.0,
-    report: bool = True,
     keep_packed: bool = True,
     progress: bool = True,
 ) -> SweepOutcome:
     """Sweep the grid ``axes`` over ``checkpoint``; resumes when ``output_dir`` holds an unfinished sweep.
 
-    Writes ``output_dir/results.jsonl`` and ``results.csv``, each cell's packed
-    model file under ``output_dir/packed/`` (``keep_packed``), and
-    ``report.md``/``report.html`` (``report``).
+    Writes ``output_dir/results.jsonl`` and ``results.csv`` and each cell's
+    packed model file under ``output_dir/packed/`` (``keep_packed``). While it
+    runs, ``output_dir`` is locked: a second sweep into it stops at once.
 
     Args:
         checkpoint: a bitsweep checkpoint (``best.pt``) or run directory.
@@ -69,21 +70,19 @@ def sweep_checkpoint(
         device: device each worker evaluates on.
         data_dir: dataset location when it is not where the checkpoint's config says.
         max_drop: accuracy budget (validation top-1 points below FP32) of the recommendation.
-        report: build the report at the end.
         keep_packed: keep every cell's packed model file.
         progress: show the progress bar.
 
     Raises:
-        BitsweepError: bad grid, missing checkpoint, a results file from another sweep, ...
+        BitsweepError: bad grid, missing checkpoint, a results file from another sweep, a folder
+            another sweep is using, ...
     """
-    from bitsweep.training import load_checkpoint, checkpoint_info
-
     cells = expand_grid(axes)
     for cell in cells:  # reject a bad observer or combination before any worker starts
         if not cell.is_baseline:
             quant_config_for(cell)
     recommend([], 0.0, max_drop)  # validates max_drop up front
-    state = load_checkpoint(checkpoint)
+    state = load_checkpoint(Path(checkpoint))
     info = checkpoint_info(state)
     ckpt_path = Path(checkpoint)
     if ckpt_path.is_dir():
@@ -95,7 +94,9 @@ def sweep_checkpoint(
         "dataset": info.data.name,
         "model": info.model.name,
         "width": info.model.width,
-        **{f"eval.{k}": v for k, v in dataclasses.asdict(settings).items() if k != "compile"},  # same results either way
+        **{
+            f"eval.{k}": v for k, v in dataclasses.asdict(settings).items() if k != "compile"
+        },  # same results either way
     }
     dev = torch.device(device)
     header = make_header(
@@ -122,20 +123,16 @@ def sweep_checkpoint(
     if base is None or base.get("val_top1") is None:
         raise BitsweepError("the sweep finished without its FP32 baseline row; rerun the same command to complete it")
     rec = recommend(rows, float(base["val_top1"]), max_drop)
-    html = None
-    if report:
-        from bitsweep.report import build_report
-
-        html = build_report(run.results, out, max_drop).html
-    return SweepOutcome(run=run, front=tuple(pareto_front(rows)), recommendation=rec, report_html=html)
+    return SweepOutcome(run=run, front=tuple(pareto_front(rows)), recommendation=rec)
 
 
 def format_front(front: Sequence[Mapping[str, Any]]) -> str:
     """The Pareto front as aligned text lines for the terminal."""
     lines = [f"{'cell':<34} {'val top-1':>9} {'test top-1':>10} {'size (bytes)':>13} {'ratio':>7}"]
     for r in front:
+        test = float(r.get("test_top1") or float("nan"))
         lines.append(
-            f"{str(r.get('label')):<34} {float(r['val_top1']):>9.2f} {float(r.get('test_top1') or float('nan')):>10.2f} "
+            f"{str(r.get('label')):<34} {float(r['val_top1']):>9.2f} {test:>10.2f} "
             f"{int(r['size_bytes']):>13,} {float(r.get('model_ratio') or 1.0):>6.2f}x"
         )
     return "\n".join(lines)
@@ -145,8 +142,10 @@ def format_front(front: Sequence[Mapping[str, Any]]) -> str:
 QUICKSTART_AXES: dict[str, list[int]] = {"weight_bits": [2, 4, 8], "activation_bits": [4, 8]}
 
 
-def quickstart_sweep(checkpoint: str | os.PathLike[str], run_dir: str | os.PathLike[str], progress: bool = True) -> SweepOutcome:
-    """The sweep ``bitsweep quickstart`` ends with: :data:`QUICKSTART_AXES` into ``run_dir/sweep``, with a report."""
+def quickstart_sweep(
+    checkpoint: str | os.PathLike[str], run_dir: str | os.PathLike[str], progress: bool = True
+) -> SweepOutcome:
+    """The sweep ``bitsweep quickstart`` ends with: :data:`QUICKSTART_AXES` into ``run_dir/sweep``."""
     return sweep_checkpoint(
         checkpoint,
         Path(run_dir) / "sweep",

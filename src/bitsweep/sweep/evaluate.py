@@ -9,7 +9,7 @@ the bit width:
   (channels-last), so no cell converts data again;
 * the calibration statistics, collected once on the float model; they hold
   ranges and samples, not bit widths, so every cell derives its own scales
-  from them (``bitsweep.quant.convert(model, stats)``);
+  from them (``bitsweep.quant.ptq(model, config, stats=stats)``);
 * the FP32 reference file size.
 
 Each cell then costs: one module swap, one weight quantization, one lowering
@@ -32,9 +32,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from bitsweep.errors import BitsweepError
+from bitsweep.artifacts.packed import PackedMeta, save_packed
 from bitsweep.backend.simulate import evaluation_model, runner_for
+from bitsweep.data import load_dataset
+from bitsweep.errors import BitsweepError
+from bitsweep.measure.activations import activation_memory
+from bitsweep.measure.size import fp32_file_bytes, size_report
+from bitsweep.quant import QuantConfig, fold_batchnorm, ptq
 from bitsweep.sweep.grid import Cell
+from bitsweep.training import load_model
 
 
 def file_sha256(path: str | Path) -> str:
@@ -82,16 +88,16 @@ class EvalSettings:
             raise ValueError(f"compile must be auto, on or off, got {self.compile!r}")
 
 
-def quant_config_for(cell: Cell) -> Any:
+def quant_config_for(cell: Cell) -> QuantConfig:
     """The :class:`bitsweep.quant.QuantConfig` of a quantized cell.
 
     Raises:
-        BitsweepError: for an observer or combination ``bitsweep.quant`` does not accept.
+        BitsweepError: for an observer, method or combination ``bitsweep.quant`` does not accept.
     """
-    from bitsweep.quant import QuantConfig
-
     try:
-        config = QuantConfig.from_bits(cell.weight_bits, cell.activation_bits, cell.granularity, cell.observer)
+        config = QuantConfig.from_bits(
+            cell.weight_bits, cell.activation_bits, cell.granularity, cell.observer, method=cell.method
+        )
         if not cell.symmetric and config.weight is not None:
             config = dataclasses.replace(
                 config, weight=dataclasses.replace(config.weight, symmetric=False, narrow_range=False)
@@ -101,7 +107,9 @@ def quant_config_for(cell: Cell) -> Any:
     return config
 
 
-def _normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> torch.Tensor:
+def normalize(
+    images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> torch.Tensor:
     """uint8 (N, C, H, W) -> normalized float32 (N, C, H, W), channels-last, on ``device``."""
     m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
@@ -153,11 +161,6 @@ class _Evaluator:
     """The cell function with everything shared already loaded."""
 
     def __init__(self, spec: CheckpointEvaluator) -> None:
-        from bitsweep.data import load_dataset
-        from bitsweep.measure.size import fp32_file_bytes
-        from bitsweep.quant import QuantConfig, calibrate, fold_batchnorm, quantize_
-        from bitsweep.training import load_model
-
         self.spec = spec
         self.device = torch.device(spec.device)
         model, info = load_model(spec.checkpoint, self.device)
@@ -169,39 +172,24 @@ class _Evaluator:
         val, test = splits.val, splits.test
         if s.limit is not None:
             val, test = val.subset(slice(0, s.limit)), test.subset(slice(0, s.limit))
-        self.val = (_normalize(val.images, info.mean, info.std, self.device), val.labels.to(self.device))
-        self.test = (_normalize(test.images, info.mean, info.std, self.device), test.labels.to(self.device))
-        calib = _normalize(splits.train.images[: s.calib_batches * s.calib_batch_size], info.mean, info.std, self.device)
+        self.val = (normalize(val.images, info.mean, info.std, self.device), val.labels.to(self.device))
+        self.test = (normalize(test.images, info.mean, info.std, self.device), test.labels.to(self.device))
+        calib = normalize(splits.train.images[: s.calib_batches * s.calib_batch_size], info.mean, info.std, self.device)
         if calib.shape[0] == 0:
             raise BitsweepError("the training split is empty, so there is nothing to calibrate on")
         # The FP32 reference: BN folded (the same float network every quantized cell starts from).
         self.float_model = copy.deepcopy(model).eval()
         fold_batchnorm(self.float_model)
-        self.float_model = self.float_model.to(memory_format=torch.channels_last)
+        self.float_model = self.float_model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         # Calibration once: the statistics are bit-width free and are reused by every cell.
         observed = copy.deepcopy(model).eval()
-        quantize_(observed, QuantConfig.from_bits(8, 8))
         batches = [calib[i : i + s.calib_batch_size] for i in range(0, calib.shape[0], s.calib_batch_size)]
-        self.stats = calibrate(observed, batches, num_batches=len(batches))
+        self.stats = ptq(observed, QuantConfig.from_bits(8, 8), batches).stats
         self.model = model
         self.fp32_bytes = fp32_file_bytes(observed)
         self.input_shape = (info.in_channels, *info.image_size)
         images = self.val[1].shape[0] + self.test[1].shape[0]
         self.runner = runner_for(s.compile, images, s.eval_batch_size)
-
-    def _architecture(self) -> Any:
-        from bitsweep.artifacts.packed import Architecture
-
-        info = self.info
-        return Architecture(
-            name=info.model.name,
-            num_classes=info.num_classes,
-            in_channels=info.in_channels,
-            image_size=tuple(info.image_size),
-            mean=tuple(info.mean),
-            std=tuple(info.std),
-            options={"width": info.model.width, "dropout": info.model.dropout},
-        )
 
     def _evaluate(self, model: nn.Module) -> dict[str, float]:
         bs = self.spec.settings.eval_batch_size
@@ -210,8 +198,6 @@ class _Evaluator:
         return {"val_top1": v1, "val_top5": v5, "test_top1": t1, "test_top5": t5}
 
     def __call__(self, cell: Cell) -> dict[str, Any]:
-        from bitsweep.measure.activations import activation_memory
-
         if cell.is_baseline:
             metrics = self._evaluate(self.float_model)
             act = activation_memory(self.float_model, self.input_shape)
@@ -232,23 +218,17 @@ class _Evaluator:
         return self._quantized(cell)
 
     def _quantized(self, cell: Cell) -> dict[str, Any]:
-        from bitsweep.measure.activations import activation_memory
-        from bitsweep.artifacts.packed import PackedMeta, save_packed
-        from bitsweep.measure.size import size_report
-        from bitsweep.quant import convert, quantize_
-
         config = quant_config_for(cell)
         model = copy.deepcopy(self.model).eval()
         try:
-            quantize_(model, config)
+            model = ptq(model, config, stats=self.stats).model
         except ValueError as e:
             raise BitsweepError(f"cell {cell.label}: {e}") from None
-        convert(model, self.stats)
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # missing from the stubs
         # Accuracy from the integer-exact simulation: what an integer deployment of this cell computes.
         evaluated, simulation = evaluation_model(model, self.val[0][:1], self.runner)
         metrics = self._evaluate(evaluated)
-        meta = PackedMeta(self._architecture(), config, extra={"cell": cell.to_dict(), **metrics})
+        meta = PackedMeta(self.info.record, config, extra={"cell": cell.to_dict(), **metrics})
         with tempfile.TemporaryDirectory() as tmp:
             target = Path(self.spec.packed_dir or tmp) / f"{cell.cell_id}.safetensors"
             packed = save_packed(model, target, meta)

@@ -4,6 +4,14 @@ A cell is one quantization configuration to try. Its id is a hash of its
 configuration (not of its position in the grid), so a resumed sweep
 recognises finished cells even when the grid was written in another order or
 grew new values.
+
+The id must also survive new axes: results files outlive releases, and a
+sweep resumed after an upgrade must not redo cells it already finished. So
+the hash covers the axes results files were first written with
+(:data:`ID_BASE_AXES`, always, which keeps every id written then), plus each
+later axis only when its value differs from its default. Adding an axis with
+a default therefore changes no existing id; a cell that uses a non-default
+value gets a new one.
 """
 
 from __future__ import annotations
@@ -21,6 +29,11 @@ from bitsweep.errors import BitsweepError
 
 GRANULARITIES: tuple[str, ...] = ("per_tensor", "per_channel")
 
+# The axes of results-file version 1 (before ``method``). They always enter the cell id; axes added
+# since enter it only with a non-default value (see the module docstring), so they need a plain
+# ``default`` (not a ``default_factory``). Never add to this tuple.
+ID_BASE_AXES: tuple[str, ...] = ("weight_bits", "activation_bits", "granularity", "observer", "symmetric")
+
 
 @dataclass(frozen=True)
 class Cell:
@@ -37,6 +50,8 @@ class Cell:
         observer: how ranges are chosen from the calibration statistics, for weights and activations
             (``minmax``, ``mse``, ... as ``bitsweep.quant`` names them).
         symmetric: symmetric (zero point 0) weight quantization.
+        method: how weights are rounded to integers (``rtn``: round to nearest; other names as
+            ``bitsweep.quant`` registers them).
     """
 
     weight_bits: int | None = 8
@@ -44,6 +59,7 @@ class Cell:
     granularity: str = "per_channel"
     observer: str = "minmax"
     symmetric: bool = True
+    method: str = "rtn"
 
     def __post_init__(self) -> None:
         for name in ("weight_bits", "activation_bits"):
@@ -58,6 +74,8 @@ class Cell:
             raise ValueError(f"observer must be a name such as minmax or mse, got {self.observer!r}")
         if not isinstance(self.symmetric, bool):
             raise ValueError(f"symmetric must be true or false, got {self.symmetric!r}")
+        if not isinstance(self.method, str) or not self.method:
+            raise ValueError(f"method must be a rounding method name such as rtn, got {self.method!r}")
 
     @property
     def is_baseline(self) -> bool:
@@ -66,7 +84,7 @@ class Cell:
 
     @property
     def cell_id(self) -> str:
-        """A stable 12-hex-digit id: the SHA-256 of the cell's configuration as sorted JSON.
+        """A stable 12-hex-digit id: the SHA-256 of :meth:`id_fields` as sorted JSON.
 
         Python's ``hash`` is salted per process, so it cannot identify a cell
         across a resumed run; this id can.
@@ -75,9 +93,25 @@ class Cell:
         True
         >>> Cell(4, 8).cell_id == Cell(8, 4).cell_id
         False
+        >>> Cell(4, 8).cell_id == Cell(4, 8, method="rtn").cell_id  # a default-valued new axis changes nothing
+        True
         """
-        text = json.dumps(self.to_dict(), sort_keys=True)
+        text = json.dumps(self.id_fields(), sort_keys=True)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+    def id_fields(self) -> dict[str, Any]:
+        """What the id hashes: every :data:`ID_BASE_AXES` value, and each later axis that is not at its default.
+
+        >>> sorted(Cell(4, 8).id_fields())
+        ['activation_bits', 'granularity', 'observer', 'symmetric', 'weight_bits']
+        >>> Cell(4, 8, method="adaround").id_fields()["method"]
+        'adaround'
+        """
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name in ID_BASE_AXES or getattr(self, f.name) != f.default
+        }
 
     @property
     def label(self) -> str:
@@ -86,7 +120,7 @@ class Cell:
             return "FP32"
         w = "Wfp" if self.weight_bits is None else f"W{self.weight_bits}"
         a = "Afp" if self.activation_bits is None else f"A{self.activation_bits}"
-        extra = "" if self.symmetric else " asym"
+        extra = ("" if self.symmetric else " asym") + ("" if self.method == "rtn" else f" {self.method}")
         return f"{w}{a} {self.granularity} {self.observer}{extra}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -95,7 +129,11 @@ class Cell:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Cell:
-        """Rebuild a cell from a results row (extra keys such as accuracies are ignored)."""
+        """Rebuild a cell from a results row (extra keys such as accuracies are ignored).
+
+        Rows written before an axis existed lack its column; the cell then takes the
+        axis default, which is what those rows were computed with.
+        """
         return cls(**{name: data[name] for name in AXES if name in data})
 
 
@@ -131,12 +169,14 @@ def expand_grid(axes: Mapping[str, Sequence[Any]], include_baseline: bool = True
         if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
             raise BitsweepError(f"sweep axis '{name}' needs a list of values, got {values!r}")
         if len(values) == 0:
-            raise BitsweepError(f"sweep axis '{name}' has no values; give at least one, e.g. --{name.replace('_', '-')} 8")
+            raise BitsweepError(
+                f"sweep axis '{name}' has no values; give at least one, e.g. --{name.replace('_', '-')} 8"
+            )
     cells: list[Cell] = [baseline_cell()] if include_baseline else []
     seen = {c.cell_id for c in cells}
     for combo in itertools.product(*(axes[n] for n in names)):
         try:
-            cell = Cell(**dict(zip(names, combo)))
+            cell = Cell(**dict(zip(names, combo, strict=True)))
         except ValueError as e:
             raise BitsweepError(f"invalid sweep value: {e}") from None
         if cell.cell_id not in seen:  # repeated values in an axis would otherwise run twice

@@ -114,8 +114,9 @@ def recommend(
 
     Ties in model size (cells differing only in activation bits pack to the
     same file) go to fewer activation bits, whose activation memory is
-    smaller, and then to the more accurate cell. The FP32 baseline row itself is never recommended: the question is how far
-    the model can be compressed, and "do not quantize" is what ``found=False`` says.
+    smaller, and then to the more accurate cell. The FP32 baseline row
+    itself is never recommended: the question is how far the model can be
+    compressed, and "do not quantize" is what ``found=False`` says.
 
     Raises:
         BitsweepError: for a negative or non-finite ``max_drop``.

@@ -94,7 +94,7 @@ def read_results(path: str | os.PathLike[str]) -> SweepResults:
     records, _ = _parse_lines(p)
     if not records or records[0].get("format") != FORMAT:
         raise BitsweepError(
-            f"'{p}' is not a bitsweep sweep results file (its first line has no \"format\": \"{FORMAT}\"); "
+            f'\'{p}\' is not a bitsweep sweep results file (its first line has no "format": "{FORMAT}"); '
             "pass the results.jsonl that 'bitsweep sweep' wrote"
         )
     rows = tuple(r for r in records[1:] if r.get("kind") == "cell")

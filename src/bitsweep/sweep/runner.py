@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from bitsweep.errors import BitsweepError
 from bitsweep.sweep.grid import Cell
+from bitsweep.sweep.lock import sweep_lock
 from bitsweep.sweep.results import SweepResults, append_row, open_results, read_results, write_csv
 
 CellFn = Callable[[Cell], dict[str, Any]]
@@ -118,7 +119,9 @@ def _worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _run_local(factory: EvaluatorFactory, todo: Sequence[Cell], config: ExecutorConfig) -> Iterator[tuple[Cell, dict[str, Any], float, str]]:
+def _run_local(
+    factory: EvaluatorFactory, todo: Sequence[Cell], config: ExecutorConfig
+) -> Iterator[tuple[Cell, dict[str, Any], float, str]]:
     fn = factory()
     for cell in todo:
         metrics, seconds = _timed(fn, cell)
@@ -160,7 +163,9 @@ def _raise_worker_error(cell_id: str | None, info: tuple[bool, str]) -> None:
     raise RuntimeError(f"sweep {where} failed in a worker:\n{message}")
 
 
-def _run_process(factory: EvaluatorFactory, todo: Sequence[Cell], config: ExecutorConfig) -> Iterator[tuple[Cell, dict[str, Any], float, str]]:
+def _run_process(
+    factory: EvaluatorFactory, todo: Sequence[Cell], config: ExecutorConfig
+) -> Iterator[tuple[Cell, dict[str, Any], float, str]]:
     # spawn, not fork: a forked child inherits torch's thread pools in an undefined state.
     ctx = mp.get_context("spawn")
     tasks, results = ctx.Queue(), ctx.Queue()
@@ -218,7 +223,9 @@ class _RayWorker:
         return "ok", (metrics, seconds, _worker_name())
 
 
-def _run_ray(factory: EvaluatorFactory, todo: Sequence[Cell], config: ExecutorConfig) -> Iterator[tuple[Cell, dict[str, Any], float, str]]:
+def _run_ray(
+    factory: EvaluatorFactory, todo: Sequence[Cell], config: ExecutorConfig
+) -> Iterator[tuple[Cell, dict[str, Any], float, str]]:
     try:
         import ray
     except ImportError:
@@ -227,9 +234,11 @@ def _run_ray(factory: EvaluatorFactory, todo: Sequence[Cell], config: ExecutorCo
         try:
             ray.init(address=config.address, log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as e:
-            raise BitsweepError(f"cannot connect to the Ray cluster at {config.address!r}: {e}; check --address") from None
+            raise BitsweepError(
+                f"cannot connect to the Ray cluster at {config.address!r}: {e}; check --address"
+            ) from None
     threads = config.threads_per_worker()
-    actor_cls = ray.remote(num_cpus=threads)(_RayWorker)
+    actor_cls: Any = ray.remote(num_cpus=threads)(_RayWorker)  # an actor class; Ray's stubs cannot say so
     actors = [actor_cls.remote(factory, threads) for _ in range(min(config.jobs, len(todo)))]
     pending: dict[Any, tuple[Any, Cell]] = {}
     queue_ = list(todo)
@@ -270,7 +279,9 @@ def run_sweep(
 
     Rows are appended (and fsynced) as cells finish, in completion order, so
     Ctrl-C or a kill loses only the cells in flight; calling this again with
-    the same header redoes exactly the unfinished cells.
+    the same header redoes exactly the unfinished cells. The results file's
+    folder is locked meanwhile (:func:`~bitsweep.sweep.lock.sweep_lock`), so a
+    second sweep into it stops at once instead of running every cell again.
 
     Args:
         cells: the grid, e.g. from :func:`~bitsweep.sweep.grid.expand_grid`.
@@ -281,12 +292,27 @@ def run_sweep(
         progress: show a tqdm bar of cells (with the time left) on stderr.
 
     Raises:
-        BitsweepError: for an empty grid, a results file from another sweep, or a user error in a cell.
+        BitsweepError: for an empty grid, a folder another sweep is using, a results file from another
+            sweep, or a user error in a cell.
     """
     if not cells:
         raise BitsweepError("the sweep grid is empty; give at least one weight and one activation bit width")
     start = time.perf_counter()
     path = Path(results_path)
+    with sweep_lock(path.parent):  # a second sweep into this folder would run every cell again
+        return _run_locked(cells, factory, path, header, executor, progress, start)
+
+
+def _run_locked(
+    cells: Sequence[Cell],
+    factory: EvaluatorFactory,
+    path: Path,
+    header: Mapping[str, Any],
+    executor: ExecutorConfig,
+    progress: bool,
+    start: float,
+) -> SweepRun:
+    """:func:`run_sweep` once the output folder's lock is held."""
     existing = open_results(path, header)
     done = existing.finished_ids
     todo = [c for c in cells if c.cell_id not in done]

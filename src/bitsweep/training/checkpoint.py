@@ -1,15 +1,10 @@
-"""Plain-dict checkpoints: saving atomically, loading safely, rebuilding the model.
+"""Training's view of checkpoints: run information, compatibility checks, and RNG state for exact resume.
 
-A checkpoint is a dict of tensors and plain Python values, loaded with
-``torch.load(weights_only=True)``: a downloaded or shared file can never run
-code, and nothing here falls back to plain pickle. The dict carries the
-resolved run configuration and the dataset's shape and normalization, so a
-checkpoint alone is enough to rebuild and evaluate its model::
-
-    {"format": "bitsweep-checkpoint", "version": 1, "config": to_dict(RunConfig),
-     "dataset": {"name", "num_classes", "in_channels", "image_size", "mean", "std"},
-     "model_state": state_dict, "epoch": int, "metrics": {...},
-     "optimizer", "scheduler", "rng": only in last.pt (for resuming)}
+The file format (plain dicts, ``weights_only`` loading, atomic writes) and the model
+record live in :mod:`bitsweep.artifacts`; this module re-exports
+:func:`save_checkpoint`/:func:`load_checkpoint` and adds what training needs on top:
+the run's configuration, seed, epoch and metrics (:class:`CheckpointInfo`), and the
+state of every random generator.
 """
 
 from __future__ import annotations
@@ -23,86 +18,75 @@ import numpy as np
 import torch
 from torch import nn
 
+from bitsweep.artifacts import ModelRecord, load, load_checkpoint, record_of, save_checkpoint
 from bitsweep.config import DataConfig, ModelConfig, RunConfig, from_dict
 from bitsweep.errors import BitsweepError
-from bitsweep.io import atomic_path
-from bitsweep.models import create_model
 
-FORMAT = "bitsweep-checkpoint"
-VERSION = 1
+__all__ = ["CheckpointInfo", "capture_rng", "check_compatible", "checkpoint_info", "load_checkpoint", "load_model",
+           "restore_rng", "save_checkpoint"]  # fmt: skip
 
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    """What a checkpoint says about its model, its data and its run."""
+    """What a checkpoint says about its run; the model part is its :class:`~bitsweep.artifacts.ModelRecord`."""
 
-    model: ModelConfig
-    num_classes: int
-    in_channels: int
-    image_size: tuple[int, int]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    data: DataConfig
-    seed: int
+    record: ModelRecord
+    config: RunConfig
     epoch: int
     metrics: dict[str, Any]
-    config: RunConfig
 
+    @property
+    def model(self) -> ModelConfig:
+        """The run's model configuration (registry name, width, dropout)."""
+        return self.config.model
 
-def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Write ``state`` to ``path`` atomically (complete or absent, never half-written)."""
-    full = {"format": FORMAT, "version": VERSION, **state}
-    with atomic_path(path) as tmp:
-        torch.save(full, tmp)
+    @property
+    def data(self) -> DataConfig:
+        """The run's dataset configuration."""
+        return self.config.data
 
+    @property
+    def seed(self) -> int:
+        """The run's seed (it also fixes the held-out validation split)."""
+        return self.config.seed
 
-def load_checkpoint(path: str | Path, map_location: torch.device | str = "cpu") -> dict[str, Any]:
-    """Read a bitsweep checkpoint safely.
+    @property
+    def num_classes(self) -> int:
+        """Classifier outputs."""
+        return self.record.num_classes
 
-    Raises:
-        BitsweepError: The file is missing, unreadable or corrupt, or is not a bitsweep checkpoint.
-    """
-    p = Path(path)
-    if p.is_dir():
-        p = p / "last.pt" if (p / "last.pt").is_file() else p / "best.pt"
-    if not p.is_file():
-        raise BitsweepError(f"checkpoint '{path}' not found; pass a run directory or its best.pt / last.pt")
-    try:
-        state = torch.load(p, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - a damaged file can fail anywhere inside the unpickler
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BitsweepError(
-            f"cannot read checkpoint '{p}' ({first[:160]}); the file is corrupt or was not written by bitsweep"
-        ) from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise BitsweepError(f"'{p}' is not a bitsweep checkpoint (no format marker); train one with 'bitsweep train'")
-    if state.get("version") != VERSION:
-        raise BitsweepError(
-            f"checkpoint '{p}' has format version {state.get('version')}, this bitsweep reads version {VERSION}"
-        )
-    for key in ("config", "dataset", "model_state"):
-        if key not in state:
-            raise BitsweepError(f"checkpoint '{p}' lacks its '{key}' entry; it is incomplete")
-    return state
+    @property
+    def in_channels(self) -> int:
+        """Image channels."""
+        return self.record.in_channels
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) of one image."""
+        return self.record.image_size
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        """Per-channel normalization mean."""
+        return self.record.mean
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        """Per-channel normalization standard deviation."""
+        return self.record.std
 
 
 def checkpoint_info(state: dict[str, Any]) -> CheckpointInfo:
-    """The :class:`CheckpointInfo` of a loaded checkpoint dict."""
-    config = from_dict(RunConfig, state["config"])
-    ds = state["dataset"]
-    return CheckpointInfo(
-        model=config.model,
-        num_classes=int(ds["num_classes"]),
-        in_channels=int(ds["in_channels"]),
-        image_size=(int(ds["image_size"][0]), int(ds["image_size"][1])),
-        mean=tuple(float(v) for v in ds["mean"]),
-        std=tuple(float(v) for v in ds["std"]),
-        data=config.data,
-        seed=config.seed,
-        epoch=int(state.get("epoch", 0)),
-        metrics=dict(state.get("metrics", {})),
-        config=config,
-    )
+    """The :class:`CheckpointInfo` of a loaded float checkpoint dict.
+
+    Raises:
+        BitsweepError: the checkpoint has no run configuration (a bare model file).
+    """
+    if "config" not in state:
+        raise BitsweepError("this checkpoint holds a model but no training run configuration; "
+                            "load it with bitsweep.artifacts.load")  # fmt: skip
+    return CheckpointInfo(record=record_of(state), config=from_dict(RunConfig, state["config"]),
+                          epoch=int(state.get("epoch", 0)), metrics=dict(state.get("metrics", {})))  # fmt: skip
 
 
 def check_compatible(
@@ -132,17 +116,6 @@ def check_compatible(
         )
 
 
-def build_model(info: CheckpointInfo) -> nn.Module:
-    """A freshly initialized model of the checkpoint's architecture and size."""
-    return create_model(
-        info.model.name,
-        num_classes=info.num_classes,
-        in_channels=info.in_channels,
-        width=info.model.width,
-        dropout=info.model.dropout,
-    )
-
-
 def load_model(
     path: str | Path,
     device: torch.device | str = "cpu",
@@ -150,7 +123,7 @@ def load_model(
     expect_model: str | None = None,
     expect_num_classes: int | None = None,
 ) -> tuple[nn.Module, CheckpointInfo]:
-    """Rebuild a checkpoint's model with its weights, in eval mode, on ``device``.
+    """Rebuild a float checkpoint's model with its weights (through :func:`bitsweep.artifacts.load`).
 
     Args:
         path: A checkpoint file, or a run directory (its last.pt).
@@ -158,19 +131,17 @@ def load_model(
         expect_model: When given, the architecture the caller needs.
         expect_num_classes: When given, the class count the caller needs.
 
+    Returns:
+        The model in eval mode on ``device``, and the run information.
+
     Raises:
-        BitsweepError: Unreadable checkpoint, or one of another architecture or class count.
+        BitsweepError: Unreadable or damaged checkpoint, a quantized one, or one of another
+            architecture or class count.
     """
-    state = load_checkpoint(path)
-    info = checkpoint_info(state)
+    loaded = load(path, device, expect="float")
+    info = checkpoint_info(loaded.meta)
     check_compatible(info, path, model=expect_model, num_classes=expect_num_classes)
-    model = build_model(info)
-    try:
-        model.load_state_dict(state["model_state"])
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise BitsweepError(f"checkpoint '{path}' does not match its own {info.model.name} config: {first}") from None
-    return model.to(device).eval(), info
+    return loaded.model, info
 
 
 def capture_rng() -> dict[str, Any]:
@@ -179,12 +150,19 @@ def capture_rng() -> dict[str, Any]:
     Stored as tensors and plain values only, so it passes ``weights_only``
     loading.
     """
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = np.random.get_state()
+    assert isinstance(numpy_state, tuple)  # the legacy tuple: numpy's global generator is always MT19937
+    kind, keys, pos, has_gauss, cached = numpy_state
     version, internal, gauss_next = random.getstate()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached": float(cached)},  # fmt: skip
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },  # fmt: skip
         "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():

@@ -1,7 +1,9 @@
 """The training loop: ``fit(config) -> FitResult``, one run directory per run, exact resume.
 
 Everything a run depends on comes from its :class:`~bitsweep.config.RunConfig`
-and seed. Data order and augmentation depend only on (seed, epoch, rank)
+and seed, plus, for runs that train something other than a fresh registry
+model (quantization-aware training, distillation, fine-tuning a pruned
+network), the model and the loss the caller passes in. Data order and augmentation depend only on (seed, epoch, rank)
 (see ``TensorLoader.set_epoch``), and last.pt stores model, optimizer,
 schedule and every RNG state after each epoch, so an interrupted CPU run
 resumed from last.pt ends with weights bitwise identical to an uninterrupted
@@ -10,10 +12,11 @@ one.
 
 from __future__ import annotations
 
+import inspect
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,21 +26,29 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
+from bitsweep.artifacts import ModelRecord
 from bitsweep.config import RunConfig, to_dict
 from bitsweep.data import DatasetSplits, TensorLoader, load_dataset
 from bitsweep.errors import BitsweepError
 from bitsweep.io import write_json_atomic, write_text_atomic
-from bitsweep.models import create_model, list_models
+from bitsweep.models import create_model, list_models, to_channels_last
 from bitsweep.runtime import autocast, choose_device, environment, make_run_dir, seed_everything
 from bitsweep.training import distributed as dist_utils
 from bitsweep.training.checkpoint import (
-    capture_rng, check_compatible, checkpoint_info, load_checkpoint, restore_rng, save_checkpoint,
+    capture_rng,
+    check_compatible,
+    checkpoint_info,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
 )  # fmt: skip
 from bitsweep.training.evaluate import EvalResult, evaluate
 from bitsweep.training.loggers import MetricsLogger, plot_curves
 from bitsweep.training.optim import build_optimizer, build_schedule
 
 EpochCallback = Callable[[int, dict[str, Any]], None]
+# loss_fn(logits, targets) or loss_fn(logits, targets, images) -> scalar loss (e.g. distillation reads the images).
+LossFn = Callable[..., torch.Tensor]
 
 # Settings that may differ between an interrupted run and its resumption: they
 # change where and how fast the run goes, not what it computes.
@@ -107,11 +118,16 @@ def fit(
     splits: DatasetSplits | None = None,
     callbacks: Sequence[EpochCallback] = (),
     progress: bool = True,
+    model: nn.Module | None = None,
+    loss_fn: LossFn | None = None,
+    record: ModelRecord | None = None,
+    checkpoint_extra: Mapping[str, Any] | None = None,
 ) -> FitResult:
-    """Train ``config.model`` on ``config.data`` and write a complete run directory.
+    """Train ``config.model`` (or a prepared ``model``) on ``config.data`` and write a complete run directory.
 
     Args:
-        config: The resolved run configuration (saved as config.yaml).
+        config: The resolved run configuration (saved as config.yaml). Its ``train`` section drives
+            the loop whatever model is trained.
         run_dir: Directory for the run's files; default: a new ``output_dir/run_name``
             (or, when resuming, the directory of the checkpoint).
         resume: A run directory or last.pt to continue exactly where it stopped.
@@ -119,6 +135,16 @@ def fit(
         splits: Already-loaded data (default: ``load_dataset(config.data, config.seed)``).
         callbacks: Called as ``cb(epoch, row)`` after each epoch's checkpoint is written.
         progress: Show a tqdm bar per epoch on stderr.
+        model: Train this model (changed in place: moved to ``device``, trained, left holding the best
+            epoch's weights) instead of a fresh ``config.model``; QAT and distillation pass a prepared one.
+        loss_fn: ``loss_fn(logits, targets)`` or ``loss_fn(logits, targets, images)`` returning the scalar
+            training loss; default: cross-entropy with ``config.train.label_smoothing``. Validation
+            still reports plain cross-entropy and top-1/top-5.
+        record: How to rebuild a passed ``model`` from its checkpoints (stored as ``model_record``);
+            default: the registry model of ``config.model`` at the passed model's shapes, else the
+            model's own class as factory.
+        checkpoint_extra: More entries for every checkpoint of the run (for example a QAT run's
+            quantization config), next to the weights.
 
     Returns:
         The run's paths and metrics, with the best checkpoint's validation and test scores.
@@ -129,9 +155,56 @@ def fit(
     dev = choose_device(config.device) if device is None else torch.device(device)
     ctx, dev = dist_utils.setup(dev)
     try:
-        return _fit(config, run_dir, resume, dev, ctx, splits, callbacks, progress)
+        setup = _Setup(model, loss_fn, record, dict(checkpoint_extra or {}))
+        return _fit(config, run_dir, resume, dev, ctx, splits, callbacks, progress, setup)
     finally:
         dist_utils.teardown(ctx)
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """What a caller may bring to :func:`fit` besides the config: the model, its loss, its record."""
+
+    model: nn.Module | None
+    loss_fn: LossFn | None
+    record: ModelRecord | None
+    checkpoint_extra: dict[str, Any]
+
+
+def _passed_model_record(model: nn.Module, config: RunConfig, data: DatasetSplits) -> ModelRecord:
+    """The record of a passed model: the config's registry model at the model's shapes, else its own class."""
+    geometry: dict[str, Any] = {
+        "num_classes": data.num_classes,
+        "in_channels": data.in_channels,
+        "image_size": tuple(data.image_size),
+        "mean": tuple(data.mean),
+        "std": tuple(data.std),
+    }
+    try:
+        options = {"width": config.model.width, "dropout": config.model.dropout}
+        return ModelRecord.of(model, name=config.model.name, options=options, **geometry)
+    except (BitsweepError, ValueError, TypeError):
+        pass
+    try:
+        return ModelRecord.of(model, **geometry)
+    except (BitsweepError, ValueError, TypeError) as e:
+        raise BitsweepError(
+            f"cannot describe the passed {type(model).__name__} for its checkpoints ({e}); "
+            "pass fit(..., record=ModelRecord(...)) saying how to rebuild it"
+        ) from None
+
+
+def _takes_images(loss_fn: LossFn) -> bool:
+    """True when ``loss_fn`` accepts a third positional argument (the batch's images)."""
+    target = loss_fn.forward if isinstance(loss_fn, nn.Module) else loss_fn  # a module's __call__ takes *args
+    try:
+        params = list(inspect.signature(target).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+        return True
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(p.kind in positional for p in params) >= 3
 
 
 def _fit(
@@ -143,9 +216,10 @@ def _fit(
     splits: DatasetSplits | None,
     callbacks: Sequence[EpochCallback],
     progress: bool,
+    setup: _Setup,
 ) -> FitResult:
     tc = config.train
-    if config.model.name not in list_models():  # fail before a possibly slow dataset load
+    if setup.model is None and config.model.name not in list_models():  # fail before a possibly slow dataset load
         create_model(config.model.name, num_classes=1)
     state = _resume_state(config, resume) if resume is not None else None
     seed_everything(config.seed)
@@ -154,10 +228,16 @@ def _fit(
         check_compatible(checkpoint_info(state), state["_path"], num_classes=data.num_classes,
                          in_channels=data.in_channels)  # fmt: skip
 
-    model = create_model(config.model.name, num_classes=data.num_classes, in_channels=data.in_channels,
-                         width=config.model.width, dropout=config.model.dropout).to(device)  # fmt: skip
+    extra = dict(setup.checkpoint_extra)
+    if setup.model is None:
+        model = create_model(config.model.name, num_classes=data.num_classes, in_channels=data.in_channels,
+                             width=config.model.width, dropout=config.model.dropout).to(device)  # fmt: skip
+    else:
+        model = setup.model.to(device)
+        record = setup.record or _passed_model_record(model, config, data)
+        extra = {"model_record": record.to_dict(), **extra}
     if tc.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        model = to_channels_last(model)  # keeps the oneDNN AVX2 strided 1x1 backward bug away (models.common)
     train_loader = TensorLoader(
         data.train, tc.batch_size, mean=data.mean, std=data.std, shuffle=True, augment=config.data.augment,
         drop_last=len(data.train) >= tc.batch_size * ctx.world_size, device=device, seed=config.seed,
@@ -168,7 +248,7 @@ def _fit(
     test_loader = TensorLoader(data.test, tc.eval_batch_size, **eval_kw)
     optimizer = build_optimizer(model, tc)
     scheduler = build_schedule(optimizer, tc, len(train_loader))
-    criterion = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
+    criterion: LossFn = setup.loss_fn or nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
 
     start_epoch, best_top1 = 1, -math.inf
     if state is not None:
@@ -179,8 +259,11 @@ def _fit(
         restore_rng(state["rng"])
         run_path = Path(run_dir) if run_dir is not None else Path(state["_path"]).parent
     elif ctx.is_main:
-        run_path = Path(run_dir) if run_dir is not None else make_run_dir(
-            config.output_dir, config.run_name, f"{config.data.name}-{config.model.name}")
+        run_path = (
+            Path(run_dir)
+            if run_dir is not None
+            else make_run_dir(config.output_dir, config.run_name, f"{config.data.name}-{config.model.name}")
+        )
         run_path.mkdir(parents=True, exist_ok=True)
     else:
         run_path = Path(".")
@@ -202,7 +285,7 @@ def _fit(
         train_model = torch.compile(train_model)  # type: ignore[assignment]
 
     dataset_meta = data.meta()
-    base = {"config": to_dict(config), "dataset": dataset_meta}
+    base = {"config": to_dict(config), "dataset": dataset_meta, **extra}
     try:
         for epoch in range(start_epoch, tc.epochs + 1):
             row = _train_epoch(train_model, train_loader, optimizer, scheduler, criterion, epoch, tc.epochs,
@@ -250,7 +333,7 @@ def _train_epoch(
     loader: TensorLoader,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
-    criterion: nn.Module,
+    criterion: LossFn,
     epoch: int,
     epochs: int,
     device: torch.device,
@@ -266,14 +349,15 @@ def _train_epoch(
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen = 0
+    with_images = _takes_images(criterion)
     bar = tqdm(loader, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False, file=sys.stderr,
                disable=not (progress and ctx.is_main), dynamic_ncols=True)  # fmt: skip
     for step, (x, y) in enumerate(bar):
         with autocast(device, amp):
             logits = model(x)
-        loss = criterion(logits.float(), y)
+        loss = criterion(logits.float(), y, x) if with_images else criterion(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         optimizer.step()
         scheduler.step()
         # Accumulate on the device: no host sync per step.

@@ -74,7 +74,9 @@ class MetricsLogger:
             except ImportError:  # tensorboard not installed: CSV/JSONL only
                 pass
             else:
-                self._tb = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=resume_epoch + 1 if resume_epoch else None)
+                self._tb = SummaryWriter(
+                    log_dir=str(run_dir / "tb"), purge_step=resume_epoch + 1 if resume_epoch else None
+                )
         self._wandb = None
         if wandb:
             try:

@@ -86,7 +86,7 @@ class WarmupCosineLR(LRScheduler):
         self.total_steps = total_steps
         super().__init__(optimizer)
 
-    def get_lr(self) -> list[float]:  # type: ignore[override]
+    def get_lr(self) -> list[float | torch.Tensor]:
         factor = warmup_cosine_factor(self.last_epoch, self.warmup_steps, self.total_steps)
         return [base * factor for base in self.base_lrs]
 

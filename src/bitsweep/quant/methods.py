@@ -1,0 +1,150 @@
+"""The registry of post-training methods that :func:`bitsweep.quant.ptq` runs.
+
+A method is a composition of optional steps around the fixed core
+(prepare, calibrate, convert):
+
+* ``before_prepare`` changes the float model (cross-layer equalization);
+* ``after_convert`` changes the converted model (bias correction, learned
+  rounding through ``WeightQuantizer.set_integers``, block reconstruction
+  with trainable scales).
+
+Each step gets a :class:`PTQContext`. ``QuantConfig.method`` names the method,
+and ``QuantConfig`` validates it against ``PTQ_METHODS``, which is why the
+registry lives here (this module does not import the config or the API, so
+the config can import it). New methods are added to ``PTQ_METHODS`` and
+every caller of ``ptq`` (CLI, sweep, export, benchmarks) gets them.
+
+>>> sorted(PTQ_METHODS)
+['adaround', 'bias_correction', 'brecq', 'qdrop', 'rtn']
+>>> check_method("adaround-typo")
+Traceback (most recent call last):
+...
+ValueError: unknown post-training method 'adaround-typo'; choose one of rtn, bias_correction, adaround, brecq, qdrop
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from torch import nn
+
+from bitsweep.quant.bias_correction import correct_bias
+from bitsweep.quant.reconstruct import ReconstructConfig, reconstruct
+
+
+@dataclass(frozen=True)
+class PTQContext:
+    """What a method's step may read.
+
+    Attributes:
+        model: the model the step changes in place (float in ``before_prepare``, converted in ``after_convert``).
+        config: the ``QuantConfig`` being applied.
+        images: the calibration batches (image tensors) when the method asked for them
+            (``PTQMethod.needs_images``), else empty.
+        stats: the calibration statistics (None in ``before_prepare``).
+        float_model: an unchanged copy of the float model (after ``before_prepare``) when the method
+            asked for one (``PTQMethod.needs_float_model``), to reconstruct against.
+        options: method settings from the caller (``ptq(..., options=...)``), e.g. ``images`` (how many
+            calibration images learned methods use, default :data:`RECONSTRUCTION_IMAGES`),
+            ``iterations`` (steps per reconstruction unit), ``progress`` (show progress bars).
+    """
+
+    model: nn.Module
+    config: Any
+    images: tuple[Any, ...] = ()
+    stats: Mapping[str, Any] | None = None
+    float_model: nn.Module | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+PTQStep = Callable[[PTQContext], None]
+
+
+@dataclass(frozen=True)
+class PTQMethod:
+    """One post-training method.
+
+    Attributes:
+        name: the name ``QuantConfig.method`` and ``--method`` use.
+        description: one line for help texts.
+        before_prepare: step on the float model before ``quantize_``.
+        after_convert: step on the converted model.
+        needs_images: the steps read calibration images (not only statistics): ``ptq`` keeps the batches
+            it calibrated on and refuses to run without images.
+        needs_float_model: ``ptq`` keeps a copy of the float model for the steps.
+    """
+
+    name: str
+    description: str
+    before_prepare: PTQStep | None = None
+    after_convert: PTQStep | None = None
+    needs_images: bool = False
+    needs_float_model: bool = False
+
+
+RTN = PTQMethod("rtn", "round to nearest, with the configured observers choosing the ranges")
+RECONSTRUCTION_IMAGES = 1024  # calibration images learned methods fit on, unless options say otherwise
+
+
+def _images(ctx: PTQContext) -> torch.Tensor:
+    """The first ``options['images']`` calibration images as one (N, C, H, W) tensor."""
+    limit = int(ctx.options.get("images", RECONSTRUCTION_IMAGES))
+    if limit < 1:
+        raise ValueError(f"reconstruction images must be a positive whole number, got {limit}")
+    return torch.cat([torch.as_tensor(b) for b in ctx.images])[:limit]
+
+
+def _bias_correction(ctx: PTQContext) -> None:
+    correct_bias(ctx.model, _images(ctx))
+
+
+def _reconstruction(**settings: Any) -> PTQStep:
+    def step(ctx: PTQContext) -> None:
+        chosen = dict(settings)
+        if "iterations" in ctx.options:
+            chosen["iterations"] = int(ctx.options["iterations"])
+        reconstruct(
+            ctx.model, _images(ctx), ReconstructConfig(**chosen), progress=bool(ctx.options.get("progress", True))
+        )
+
+    return step
+
+
+BIAS_CORRECTION = PTQMethod(
+    "bias_correction", "round to nearest, then empirical bias correction per layer", None, _bias_correction, True
+)
+ADAROUND = PTQMethod(
+    "adaround", "learned rounding per layer (AdaRound) against the float layer output", None,
+    _reconstruction(unit="layer"), True,
+)  # fmt: skip
+BRECQ = PTQMethod(
+    "brecq", "learned rounding per block with learned activation step sizes (BRECQ + LSQ)", None,
+    _reconstruction(unit="block", learn_activations=True), True,
+)  # fmt: skip
+QDROP = PTQMethod(
+    "qdrop", "block reconstruction with learned steps and random dropping of activation quantization (QDrop)", None,
+    _reconstruction(unit="block", learn_activations=True, drop_prob=0.5), True,
+)  # fmt: skip
+
+# The registry: method name -> method. Read-only; new methods are added here.
+PTQ_METHODS: Mapping[str, PTQMethod] = MappingProxyType(
+    {m.name: m for m in (RTN, BIAS_CORRECTION, ADAROUND, BRECQ, QDROP)}
+)
+
+
+def get_method(name: str) -> PTQMethod:
+    """The method registered as ``name``; ValueError listing the choices otherwise."""
+    try:
+        return PTQ_METHODS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown post-training method {name!r}; choose one of {', '.join(PTQ_METHODS)}") from None
+
+
+def check_method(name: str) -> str:
+    """Return ``name`` if it is a registered method, else raise ValueError listing the choices."""
+    get_method(name)
+    return name
