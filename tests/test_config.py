@@ -57,25 +57,18 @@ def test_wrong_types_are_refused(data: dict, message: str) -> None:
     assert str(err.value) == message
 
 
+TRAIN_HINT = "(--set train.epochs=200, or epochs: 200 indented under train:)"
+AUGMENT_HINT = "(--set data.augment.crop_padding=4, or crop_padding: 4 indented under data.augment:)"
+MODEL_HINT = "(--set model.name=mobilenetv2, or name: mobilenetv2 indented under model:)"
+
+
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        (
-            {"train": 5},
-            "train must be a mapping of train options (--set train.epochs=200, or epochs: 200 indented under train:), got 5",
-        ),
-        (
-            {"train": None},
-            "train must be a mapping of train options (--set train.epochs=200, or epochs: 200 indented under train:), got None",
-        ),
-        (
-            {"data": {"augment": 3}},
-            "data.augment must be a mapping of augment options (--set data.augment.crop_padding=4, or crop_padding: 4 indented under data.augment:), got 3",
-        ),
-        (
-            {"model": [1, 2]},
-            "model must be a mapping of model options (--set model.name=mobilenetv2, or name: mobilenetv2 indented under model:), got [1, 2]",
-        ),
+        ({"train": 5}, f"train must be a mapping of train options {TRAIN_HINT}, got 5"),
+        ({"train": None}, f"train must be a mapping of train options {TRAIN_HINT}, got None"),
+        ({"data": {"augment": 3}}, f"data.augment must be a mapping of augment options {AUGMENT_HINT}, got 3"),
+        ({"model": [1, 2]}, f"model must be a mapping of model options {MODEL_HINT}, got [1, 2]"),
     ],
 )
 def test_a_section_that_is_not_a_mapping_is_refused(data: dict, message: str) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """Whether a process with this id exists on this machine."""
     try:
         os.kill(pid, 0)
@@ -38,7 +38,7 @@ def clean_stale_temps(target: Path, min_age_s: float = 600.0) -> list[Path]:
         if len(parts) > 2 or (len(parts) == 2 and not parts[0].isdigit()):
             continue  # a temp file of another target whose name starts with this one's
         try:
-            if not _alive(int(parts[0])) if len(parts) == 2 else now - tmp.stat().st_mtime > min_age_s:
+            if not pid_alive(int(parts[0])) if len(parts) == 2 else now - tmp.stat().st_mtime > min_age_s:
                 tmp.unlink()
                 removed.append(tmp)
         except (FileNotFoundError, PermissionError):  # another writer cleaned it, or not ours to remove

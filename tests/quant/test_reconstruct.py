@@ -52,7 +52,7 @@ def test_learned_rounding_is_floor_or_ceiling_and_beats_nearest(mbv2: nn.Module,
         .pow(2)
         .mean()
     )
-    results = reconstruct(model, images, ReconstructConfig(iterations=200, batch_size=8), progress=False)
+    results = reconstruct(model, images, ReconstructConfig(iterations=100, batch_size=8), progress=False)
     err_after = (
         (
             layer._conv_forward(x_quant, layer.weight_fq, layer.bias)
@@ -71,6 +71,7 @@ def test_learned_rounding_is_floor_or_ceiling_and_beats_nearest(mbv2: nn.Module,
     assert torch.equal(layer.weight_fq, (q * wq.scale.reshape(-1, 1, 1, 1)).to(layer.weight_fq.dtype))
 
 
+@pytest.mark.slow
 def test_block_reconstruction_lowers_block_error(mbv2: nn.Module, images: torch.Tensor) -> None:
     model = _quantized(mbv2, images, weight_bits=2, activation_bits=4)
     cfg = ReconstructConfig(unit="block", iterations=60, batch_size=8, learn_activations=True, drop_prob=0.5)
@@ -93,6 +94,7 @@ def test_bias_correction_lowers_mean_output_error(mbv2: nn.Module, images: torch
     assert err_corrected < err_plain
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("unit", ["layer", "block"])
 def test_reconstructed_model_is_integer_exact(mbv2: nn.Module, images: torch.Tensor, unit: str) -> None:
     model = _quantized(mbv2, images, weight_bits=4, activation_bits=4)

@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 from bitsweep.errors import BitsweepError
+from bitsweep.quant.methods import PTQ_METHODS, RECONSTRUCTION_IMAGES
 from bitsweep.quant.spec import MAX_BITS, MIN_BITS
 
 
@@ -140,3 +141,29 @@ def check_writable(folder: str | Path, option: str) -> Path:
     os.close(fd)
     os.unlink(probe)
     return path
+
+
+def add_method_options(parser: argparse.ArgumentParser, *, several: bool = False) -> None:
+    """``--method`` (or ``--methods`` for a sweep axis), ``--method-images`` and ``--method-iterations``."""
+    names = ", ".join(PTQ_METHODS)
+    if several:
+        parser.add_argument(
+            "--methods", type=str_list, default=["rtn"], help=f"post-training methods to sweep: {names} (default: rtn)"
+        )
+    else:
+        parser.add_argument("--method", default="rtn", help=f"post-training method: {names} (default: rtn)")
+    parser.add_argument("--method-images", type=int, default=RECONSTRUCTION_IMAGES,
+                        help="calibration images the learned methods fit on")  # fmt: skip
+    parser.add_argument(
+        "--method-iterations", type=int, default=None,
+        help="optimisation steps per layer/block of adaround, brecq and qdrop (default: the method's)",
+    )  # fmt: skip
+
+
+def method_options(args: argparse.Namespace) -> dict[str, int | bool]:
+    """The ``options`` for :func:`bitsweep.quant.ptq` from :func:`add_method_options`'s arguments."""
+    require_positive("--method-images", args.method_images)
+    options: dict[str, int | bool] = {"images": args.method_images}
+    if args.method_iterations is not None:
+        options["iterations"] = require_positive("--method-iterations", args.method_iterations)
+    return options

@@ -22,7 +22,14 @@ from tqdm import tqdm
 from bitsweep.artifacts import Loaded, PackedMeta, load, load_packed, save_packed
 from bitsweep.backend.intref import compare
 from bitsweep.backend.simulate import evaluation_model
-from bitsweep.cli.common import add_command, add_threads_option, check_writable, require_positive
+from bitsweep.cli.common import (
+    add_command,
+    add_method_options,
+    add_threads_option,
+    check_writable,
+    method_options,
+    require_positive,
+)
 from bitsweep.config import DataConfig, from_dict
 from bitsweep.data import TensorLoader, load_dataset
 from bitsweep.errors import BitsweepError
@@ -48,6 +55,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--weight-bits", type=int, default=None, help="quantize a float checkpoint to these weight bits")
     p.add_argument("--activation-bits", type=int, default=None, help="... and these activation bits")
     p.add_argument("--calib-batches", type=int, default=16, help="calibration batches (float checkpoints only)")
+    add_method_options(p)
     p.add_argument("--batch-size", type=int, default=256, help="batch size for calibration and the check")
     p.add_argument("--check-batches", type=int, default=2, help="test batches used to verify the exported file")
     add_threads_option(p)
@@ -74,11 +82,11 @@ def _check_data(meta: PackedMeta, batch_size: int, n: int) -> tuple[Iterator[Any
 
 
 def _quantize_float(
-    loaded: Loaded, weight_bits: int, activation_bits: int, calib_batches: int, batch_size: int
+    loaded: Loaded, args: argparse.Namespace, calib_batches: int, batch_size: int
 ) -> tuple[torch.nn.Module, QuantConfig]:
-    """PTQ of a float checkpoint with the default recipe, calibrated on its own training split."""
+    """PTQ of a float checkpoint with the default recipe and ``--method``, calibrated on its own training split."""
     try:
-        config = QuantConfig.from_bits(weight_bits, activation_bits)
+        config = QuantConfig.from_bits(args.weight_bits, args.activation_bits, method=args.method)
     except ValueError as e:
         raise BitsweepError(str(e)) from None
     if loaded.data is None:
@@ -86,7 +94,7 @@ def _quantize_float(
     splits = load_dataset(dataclasses.replace(loaded.data, download=False), seed=loaded.seed)
     record = loaded.record
     loader = TensorLoader(splits.train, batch_size, mean=record.mean, std=record.std)
-    return ptq(loaded.model, config, loader, num_batches=calib_batches).model, config
+    return ptq(loaded.model, config, loader, num_batches=calib_batches, options=method_options(args)).model, config
 
 
 def run(args: argparse.Namespace) -> int:
@@ -105,9 +113,7 @@ def run(args: argparse.Namespace) -> int:
                 "a float checkpoint needs --weight-bits and --activation-bits (or run 'bitsweep quantize')"
             )
         require_positive("--calib-batches", args.calib_batches)
-        model, config = _quantize_float(
-            loaded, args.weight_bits, args.activation_bits, args.calib_batches, args.batch_size
-        )
+        model, config = _quantize_float(loaded, args, args.calib_batches, args.batch_size)
     extra = loaded.meta if loaded.kind == "packed" else loaded.source_meta()
     meta = PackedMeta(loaded.record, config, extra)
     src = Path(args.checkpoint)

@@ -20,7 +20,14 @@ from tqdm import tqdm
 from bitsweep.artifacts import load
 from bitsweep.artifacts.quantized import quantized_state, save_quantized
 from bitsweep.backend.simulate import evaluation_model, runner_for
-from bitsweep.cli.common import add_command, add_threads_option, check_writable, require_positive
+from bitsweep.cli.common import (
+    add_command,
+    add_method_options,
+    add_threads_option,
+    check_writable,
+    method_options,
+    require_positive,
+)
 from bitsweep.config import to_dict
 from bitsweep.data import TensorLoader, load_dataset
 from bitsweep.errors import BitsweepError
@@ -41,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    help="activation bit width, 1..16")  # fmt: skip
     p.add_argument("--granularity", default="per_channel", help="weight scales: per_channel or per_tensor")
     p.add_argument("--observer", default="minmax", help="minmax, moving_average, percentile or mse")
-    p.add_argument("--method", default="rtn", help="post-training method (rtn: round to nearest)")
+    add_method_options(p)
     p.add_argument("--calib-batches", type=int, default=16, help="calibration batches")
     p.add_argument("--calib-split", default="train", choices=("train", "val"), help="split to calibrate on")
     p.add_argument("--batch-size", type=int, default=256, help="calibration batch size")
@@ -96,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     calib_loader = loader(calib_set, shuffle=True, batch_size=args.batch_size)
     calib = tqdm(calib_loader, total=min(args.calib_batches, len(calib_loader)), desc="calibrate", unit="batch",
                  leave=False)  # fmt: skip
-    result = ptq(copy.deepcopy(model), config, calib, num_batches=args.calib_batches)
+    result = ptq(copy.deepcopy(model), config, calib, num_batches=args.calib_batches, options=method_options(args))
     qmodel, summary = result.model, result.summary
     # Quantized accuracy from the integer-exact simulation (what an integer deployment computes).
     images = len(splits.val.labels) + len(splits.test.labels)

@@ -6,7 +6,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from bitsweep.cli.common import add_command, add_threads_option, bit_list, check_writable, require_positive, str_list
+from bitsweep.cli.common import (
+    add_command,
+    add_method_options,
+    add_threads_option,
+    bit_list,
+    check_writable,
+    method_options,
+    require_positive,
+    str_list,
+)
 from bitsweep.errors import BitsweepError
 from bitsweep.report import build_report
 from bitsweep.runtime import choose_device
@@ -36,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument(
         "--observer", type=str_list, default=["minmax"], help="range observers: minmax,moving_average,percentile,mse"
     )
-    p.add_argument("--methods", type=str_list, default=["rtn"], help="weight rounding methods (rtn: round to nearest)")
+    add_method_options(p, several=True)
     p.add_argument(
         "--calib-batches", type=int, default=8, help="calibration batches of training images (collected once)"
     )
@@ -78,7 +87,11 @@ def run(args: argparse.Namespace) -> int:
     for name in ("calib_batches", "calib_batch_size", "batch_size", "jobs"):
         require_positive("--" + name.replace("_", "-"), getattr(args, name))
     try:
-        settings = EvalSettings(args.calib_batches, args.calib_batch_size, args.batch_size, args.limit, args.compile)
+        options = method_options(args)
+        settings = EvalSettings(
+            args.calib_batches, args.calib_batch_size, args.batch_size, args.limit, args.compile,
+            method_images=int(options["images"]), method_iterations=args.method_iterations,
+        )  # fmt: skip
         executor = ExecutorConfig(kind=args.executor, jobs=args.jobs, address=args.address, threads=args.threads)
     except ValueError as e:
         raise BitsweepError(str(e)) from None

@@ -24,18 +24,21 @@ from bitsweep.errors import BitsweepError
 
 DEFAULT_VAL_SIZE = 5000
 _BASE = "https://www.cs.toronto.edu/~kriz/"
+
+
+def _archive(name: str, md5: str, folder: str) -> Archive:
+    return Archive(name, _BASE + name, md5, folder)
+
+
+# The official archives and their published MD5 sums.
 PYTHON_ARCHIVES = {
-    10: Archive("cifar-10-python.tar.gz", _BASE + "cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a",
-                "cifar-10-batches-py"),
-    100: Archive("cifar-100-python.tar.gz", _BASE + "cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85",
-                 "cifar-100-python"),
-}  # fmt: skip
+    10: _archive("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a", "cifar-10-batches-py"),
+    100: _archive("cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85", "cifar-100-python"),
+}
 BINARY_ARCHIVES = {
-    10: Archive("cifar-10-binary.tar.gz", _BASE + "cifar-10-binary.tar.gz", "c32a1d4ab5d03f1284b67883e8d87530",
-                "cifar-10-batches-bin"),
-    100: Archive("cifar-100-binary.tar.gz", _BASE + "cifar-100-binary.tar.gz", "03b5dce01913d631647c71ecec9e9cb8",
-                 "cifar-100-binary"),
-}  # fmt: skip
+    10: _archive("cifar-10-binary.tar.gz", "c32a1d4ab5d03f1284b67883e8d87530", "cifar-10-batches-bin"),
+    100: _archive("cifar-100-binary.tar.gz", "03b5dce01913d631647c71ecec9e9cb8", "cifar-100-binary"),
+}
 _PIXELS = 3 * 32 * 32
 
 

@@ -11,12 +11,14 @@ until the lowering turns them into int32, so nothing else changes.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from bitsweep.quant.capture import apply_weight, execution_order, float_mode, layer_inputs
+from bitsweep.quant.capture import WeightLayer, apply_weight, execution_order, float_mode, layer_inputs
 
 
 @dataclass(frozen=True)
@@ -32,9 +34,27 @@ def _channel_mean(y: torch.Tensor) -> torch.Tensor:
     return y.transpose(0, 1).reshape(y.shape[1], -1).mean(dim=1)  # (C,)
 
 
+@contextlib.contextmanager
+def _biases(layers: list[WeightLayer], values: list[torch.Tensor | None]) -> Iterator[None]:
+    """Temporarily give ``layers`` the biases ``values`` (the float network's, before any correction)."""
+    current = [layer.bias.detach().clone() if layer.bias is not None else None for layer in layers]
+    for layer, v in zip(layers, values, strict=True):
+        if layer.bias is not None and v is not None:
+            layer.bias.copy_(v)
+    try:
+        yield
+    finally:
+        for layer, v in zip(layers, current, strict=True):
+            if layer.bias is not None and v is not None:
+                layer.bias.copy_(v)
+
+
 @torch.no_grad()
 def correct_bias(model: nn.Module, images: torch.Tensor) -> list[BiasShift]:
     """Correct the bias of every quantized weight layer of a converted ``model`` in place.
+
+    The float side of each measurement runs with the original biases (the float network), the quantized
+    side with the biases corrected so far.
 
     Args:
         model: a model after ``convert``.
@@ -44,18 +64,21 @@ def correct_bias(model: nn.Module, images: torch.Tensor) -> list[BiasShift]:
         The shift removed from each layer, in execution order.
     """
     model.eval()
+    order = execution_order(model, images[:1])
+    layers = [layer for _, layer in order]
+    for layer in layers:
+        if layer.bias is None:  # give every layer a bias to correct (zero: the same network)
+            layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype))
+    original = [layer.bias.detach().clone() if layer.bias is not None else None for layer in layers]
     shifts: list[BiasShift] = []
-    for name, layer in execution_order(model, images[:1]):
-        with float_mode(model):
+    for (name, layer), bias in zip(order, original, strict=True):
+        with float_mode(model), _biases(layers, original):
             x_float = layer_inputs(model, layer, images)
+            y_float = _channel_mean(apply_weight(layer, x_float, layer.weight))
         x_quant = layer_inputs(model, layer, images)
         weight_q = layer.weight_fq if layer.weight_fq is not None else layer.weight
-        shift = _channel_mean(apply_weight(layer, x_float, layer.weight)) - _channel_mean(
-            apply_weight(layer, x_quant, weight_q)
-        )
-        if layer.bias is None:
-            layer.bias = nn.Parameter(shift.to(layer.weight.dtype))
-        else:
-            layer.bias.add_(shift.to(layer.bias.dtype))
+        shift = y_float - _channel_mean(apply_weight(layer, x_quant, weight_q))
+        assert layer.bias is not None and bias is not None
+        layer.bias.add_(shift.to(layer.bias.dtype))
         shifts.append(BiasShift(name, float(shift.abs().mean())))
     return shifts

@@ -101,5 +101,6 @@ def layer_inputs(model: nn.Module, layer: WeightLayer, images: torch.Tensor) -> 
 def apply_weight(layer: WeightLayer, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``layer``'s float computation with another ``weight`` (bias included, no quantizers)."""
     if isinstance(layer, QuantConv2d):
-        return layer._conv_forward(x, weight, layer.bias)
+        out: torch.Tensor = layer._conv_forward(x, weight, layer.bias)
+        return out
     return F.linear(x, weight, layer.bias)

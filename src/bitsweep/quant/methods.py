@@ -34,6 +34,7 @@ from torch import nn
 
 from bitsweep.quant.bias_correction import correct_bias
 from bitsweep.quant.reconstruct import ReconstructConfig, reconstruct
+from bitsweep.quant.registry import lookup
 
 
 @dataclass(frozen=True)
@@ -138,10 +139,7 @@ PTQ_METHODS: Mapping[str, PTQMethod] = MappingProxyType(
 
 def get_method(name: str) -> PTQMethod:
     """The method registered as ``name``; ValueError listing the choices otherwise."""
-    try:
-        return PTQ_METHODS[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown post-training method {name!r}; choose one of {', '.join(PTQ_METHODS)}") from None
+    return lookup(PTQ_METHODS, name, "post-training method")
 
 
 def check_method(name: str) -> str:

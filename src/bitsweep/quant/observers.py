@@ -26,6 +26,7 @@ from types import MappingProxyType
 import torch
 
 from bitsweep.quant.primitives import binary_scale, choose_qparams, fake_quantize_reference
+from bitsweep.quant.registry import lookup
 from bitsweep.quant.spec import QuantSpec
 
 EMA_FACTOR = 0.1
@@ -199,10 +200,7 @@ def get_observer(name: str) -> Observer:
     >>> get_observer("mse").name
     'mse'
     """
-    try:
-        return OBSERVERS[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown observer {name!r}; choose one of {', '.join(OBSERVERS)}") from None
+    return lookup(OBSERVERS, name, "observer")
 
 
 def check_observer(name: str) -> str:

@@ -29,6 +29,7 @@ same integer program.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -304,8 +305,8 @@ def _fit_unit(
     for m in module.modules():
         if isinstance(m, QuantOutput):
             m.try_fuse()
-    total = sum(layer.weight.numel() for layer in layers) or 1
-    changed = sum(f * layer.weight.numel() for f, layer in zip(flipped, layers))
+    total = sum(s.layer.weight.numel() for s in soft) or 1
+    changed = sum(f * s.layer.weight.numel() for f, s in zip(flipped, soft, strict=True))
     return nearest, mse(), changed / total
 
 
@@ -315,10 +316,10 @@ def _patch(module: nn.Module, soft: list[SoftWeight], steps: list[DroppedQuantiz
     for s in soft:
         layer = s.layer
         layer._current_weight = s.weight  # type: ignore[method-assign]
-        undo.append(lambda layer=layer: delattr(layer, "_current_weight"))
+        undo.append(functools.partial(delattr, layer, "_current_weight"))
     for st in steps:
         st.q.forward = st  # type: ignore[method-assign]
-        undo.append(lambda q=st.q: delattr(q, "forward"))
+        undo.append(functools.partial(delattr, st.q, "forward"))
     fused = [m for m in module.modules() if isinstance(m, QuantOutput) and m.fused]
     for m in fused:
         m.fused = False  # the fused fast path bypasses the quantizer's forward

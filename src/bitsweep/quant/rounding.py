@@ -27,6 +27,7 @@ from typing import Protocol
 import torch
 
 from bitsweep.quant.primitives import quantize
+from bitsweep.quant.registry import lookup
 from bitsweep.quant.spec import QuantSpec
 
 
@@ -62,11 +63,7 @@ ROUNDING_POLICIES: Mapping[str, type[RoundingPolicy]] = MappingProxyType({"neare
 
 def rounding_policy(name: str) -> RoundingPolicy:
     """A fresh instance of the policy registered as ``name``; ValueError listing the choices otherwise."""
-    try:
-        cls = ROUNDING_POLICIES[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown rounding policy {name!r}; choose one of {', '.join(ROUNDING_POLICIES)}") from None
-    return cls()
+    return lookup(ROUNDING_POLICIES, name, "rounding policy")()
 
 
 def check_integers(

@@ -27,6 +27,10 @@ from bitsweep.sweep.results import make_header
 from bitsweep.sweep.runner import ExecutorConfig, SweepRun, run_sweep
 from bitsweep.training import checkpoint_info, load_checkpoint
 
+# EvalSettings fields added after results files existed, with their defaults: at the default they stay out
+# of a results file's identity, so files written before them still resume.
+LATER_SETTINGS: dict[str, Any] = {"method_images": 1024, "method_iterations": None}
+
 
 @dataclass(frozen=True)
 class SweepOutcome:
@@ -95,8 +99,11 @@ def sweep_checkpoint(
         "model": info.model.name,
         "width": info.model.width,
         **{
-            f"eval.{k}": v for k, v in dataclasses.asdict(settings).items() if k != "compile"
-        },  # same results either way
+            f"eval.{k}": v
+            for k, v in dataclasses.asdict(settings).items()
+            # compile: same results either way; later settings only when set, so older files still resume
+            if k != "compile" and not (k in LATER_SETTINGS and v == LATER_SETTINGS[k])
+        },
     }
     dev = torch.device(device)
     header = make_header(

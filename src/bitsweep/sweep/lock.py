@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from bitsweep.errors import BitsweepError
+from bitsweep.io import pid_alive
 
 try:
     import fcntl
@@ -42,16 +43,6 @@ def _busy(folder: Path, path: Path) -> BitsweepError:
     return BitsweepError(
         f"'{folder}' is in use by another sweep (pid {_holder(path)}); wait for it or choose another --output"
     )
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by someone else
-        return True
-    return True
 
 
 def _acquire_flock(folder: Path, path: Path) -> int:
@@ -84,7 +75,7 @@ def _acquire_exclusive(folder: Path, path: Path) -> int:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             holder = _holder(path)
-            if holder == "unknown" or _pid_alive(int(holder)):
+            if holder == "unknown" or pid_alive(int(holder)):
                 raise _busy(folder, path) from None
             path.unlink(missing_ok=True)  # stale: its process is gone
             continue

@@ -124,21 +124,18 @@ def plot_curves(rows: list[dict[str, Any]], path: Path, title: str = "") -> Path
     epochs = [r["epoch"] for r in rows]
     fig = Figure(figsize=(10, 4), dpi=100)
     FigureCanvasAgg(fig)
-    ax_acc, ax_loss = fig.subplots(1, 2)
-    ax_acc.plot(epochs, [r["train_acc"] for r in rows], marker="o", label="train")
-    ax_acc.plot(epochs, [r["val_top1"] for r in rows], marker="o", label="val top-1")
-    ax_acc.set_xlabel("epoch")
-    ax_acc.set_ylabel("accuracy (%)")
-    ax_acc.set_title("accuracy")
-    ax_acc.grid(alpha=0.3)
-    ax_acc.legend()
-    ax_loss.plot(epochs, [r["train_loss"] for r in rows], marker="o", label="train (smoothed labels)")
-    ax_loss.plot(epochs, [r["val_loss"] for r in rows], marker="o", label="val")
-    ax_loss.set_xlabel("epoch")
-    ax_loss.set_ylabel("cross-entropy")
-    ax_loss.set_title("loss")
-    ax_loss.grid(alpha=0.3)
-    ax_loss.legend()
+    panels = (
+        ("accuracy", "accuracy (%)", (("train_acc", "train"), ("val_top1", "val top-1"))),
+        ("loss", "cross-entropy", (("train_loss", "train (smoothed labels)"), ("val_loss", "val"))),
+    )
+    for ax, (name, ylabel, series) in zip(fig.subplots(1, 2), panels, strict=True):
+        for key, label in series:
+            ax.plot(epochs, [r[key] for r in rows], marker="o", label=label)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        ax.legend()
     if title:
         fig.suptitle(title)
     fig.tight_layout()
