@@ -138,3 +138,21 @@ def test_a_folder_in_use_by_another_sweep_is_one_line_and_exit_2(
         "wait for it or choose another --output"
     ]
     assert not (out / "results.jsonl").exists() and not (out / "report.html").exists()
+
+
+def test_sweep_with_two_methods_puts_both_in_one_report(
+    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "methods"
+    args = ["--weight-bits", "4", "--activation-bits", "8", "--limit", "64", "--calib-batches", "1",
+            "--calib-batch-size", "32", "--batch-size", "64", "--method-images", "32",
+            "--method-iterations", "2"]  # fmt: skip
+    rc = main(["sweep", str(tiny_checkpoint), *args, "--methods", "rtn,adaround", "--output", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    rows = {(r.get("method", "rtn"), r["label"]) for r in read_results(out / "results.jsonl").rows}
+    assert {m for m, _ in rows if m != "rtn"} == {"adaround"} and len(rows) == 3  # FP32 + one cell per method
+    labels = [label for _, label in rows]
+    assert len(set(labels)) == 3  # the method is part of the cell's label, so the report can tell them apart
+    report = (out / "report.md").read_text()
+    assert all(label in report for label in labels if label != "FP32")
+    assert read_results(out / "results.jsonl").header["identity"]["eval.method_iterations"] == 2

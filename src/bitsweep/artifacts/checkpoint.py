@@ -32,10 +32,14 @@ VERSION = 1
 
 
 def resolve(path: str | Path) -> Path:
-    """A checkpoint file, or a run directory's last.pt (best.pt when there is no last.pt)."""
+    """A checkpoint file, or a run directory's best.pt (chosen on validation; last.pt when there is none).
+
+    Every command that reads a model from a run directory (eval, quantize, sweep, export) gets the same file;
+    resuming training reads last.pt explicitly.
+    """
     p = Path(path)
     if p.is_dir():
-        p = p / "last.pt" if (p / "last.pt").is_file() else p / "best.pt"
+        p = p / "best.pt" if (p / "best.pt").is_file() else p / "last.pt"
     return p
 
 

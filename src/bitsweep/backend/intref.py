@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bitsweep.backend import lowering as lw
+from bitsweep.backend.simulate import Simulator
 from bitsweep.errors import BitsweepError
 
 
@@ -151,8 +152,6 @@ def compare(model: nn.Module, batches: Any, max_batches: int | None = None) -> A
         batches: an iterable of image tensors or ``(images, labels)`` pairs (normalized float).
         max_batches: stop after this many batches.
     """
-    from bitsweep.backend.simulate import Simulator
-
     model.eval()
     n = agree = fq_agree = sim_ok = int_ok = fq_ok = 0
     labelled = True

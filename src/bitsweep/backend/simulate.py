@@ -26,6 +26,7 @@ requantization into one pass.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 from collections.abc import Callable
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bitsweep.backend import lowering as lw
+from bitsweep.errors import BitsweepError
 
 Plan = tuple[tuple[Any, ...], ...]  # static, hashable: op kinds, value names, conv geometry, tensor indices
 
@@ -225,8 +227,6 @@ class Simulator(nn.Module):
 
 def _exact_float(x: torch.Tensor) -> Any:
     """No bf16 autocast and no TF32: float32 sums must stay exact (cuDNN allows TF32 convolutions by default)."""
-    import contextlib
-
     stack = contextlib.ExitStack()
     stack.enter_context(torch.autocast(x.device.type, enabled=False))
     if x.is_cuda:
@@ -342,8 +342,6 @@ def evaluation_model(
     ``Program.inexact``) or, for models the lowering does not cover, the
     fake-quant model itself (``"fake-quant: <reason>"``).
     """
-    from bitsweep.errors import BitsweepError
-
     try:
         sim = simulate(model, example)
     except BitsweepError as e:

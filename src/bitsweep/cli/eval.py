@@ -50,8 +50,6 @@ def evaluate_checkpoint(
     damaged checkpoint, NaN/inf weights included, before any image is evaluated.
     """
     path = Path(checkpoint)
-    if path.is_dir():
-        path = path / "best.pt"
     dev = choose_device(device)
     model, info = load_model(path, dev, expect_model=expect_model)
     data_config = info.data if data_dir is None else dataclasses.replace(info.data, data_dir=data_dir)

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from bitsweep.artifacts.checkpoint import resolve
 from bitsweep.errors import BitsweepError
 from bitsweep.runtime import environment
 from bitsweep.sweep.evaluate import CheckpointEvaluator, EvalSettings, file_sha256, quant_config_for
@@ -89,8 +90,7 @@ def sweep_checkpoint(
     state = load_checkpoint(Path(checkpoint))
     info = checkpoint_info(state)
     ckpt_path = Path(checkpoint)
-    if ckpt_path.is_dir():
-        ckpt_path = ckpt_path / "last.pt" if (ckpt_path / "last.pt").is_file() else ckpt_path / "best.pt"
+    ckpt_path = resolve(ckpt_path)
     del state
     out = Path(output_dir)
     identity = {

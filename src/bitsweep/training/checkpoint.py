@@ -126,7 +126,7 @@ def load_model(
     """Rebuild a float checkpoint's model with its weights (through :func:`bitsweep.artifacts.load`).
 
     Args:
-        path: A checkpoint file, or a run directory (its last.pt).
+        path: A checkpoint file, or a run directory (its best.pt).
         device: Where to put the model.
         expect_model: When given, the architecture the caller needs.
         expect_num_classes: When given, the class count the caller needs.
