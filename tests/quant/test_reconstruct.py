@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from bitsweep.backend.intref import compare
+from bitsweep.errors import BitsweepError
 from bitsweep.quant import QuantConfig, ptq
 from bitsweep.quant.bias_correction import correct_bias
 from bitsweep.quant.capture import execution_order, float_mode, layer_inputs, module_inputs
@@ -119,3 +120,13 @@ def test_config_rejects_bad_values() -> None:
         ReconstructConfig(iterations=0)
     with pytest.raises(ValueError, match="unit"):
         ReconstructConfig(unit="net")
+
+
+def test_bad_input_gives_one_clear_message(mbv2: nn.Module, images: torch.Tensor) -> None:
+    with pytest.raises(ValueError, match="unknown post-training method 'adaroundd'; choose one of rtn"):
+        QuantConfig.from_bits(4, 8, method="adaroundd")
+    with pytest.raises(BitsweepError, match="'adaround' method learns from calibration images"):
+        ptq(copy.deepcopy(mbv2), QuantConfig.from_bits(4, 8, method="adaround"), stats={})
+    no_weights = QuantConfig(weight=None, method="qdrop")  # activations only: nothing to reconstruct
+    with pytest.raises(BitsweepError, match="no quantized weight layer to reconstruct"):
+        ptq(copy.deepcopy(mbv2), no_weights, [images], options={"iterations": 1, "progress": False})

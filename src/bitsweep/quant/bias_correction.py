@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from bitsweep.quant.capture import WeightLayer, apply_weight, execution_order, float_mode, layer_inputs
 
@@ -50,7 +51,7 @@ def _biases(layers: list[WeightLayer], values: list[torch.Tensor | None]) -> Ite
 
 
 @torch.no_grad()
-def correct_bias(model: nn.Module, images: torch.Tensor) -> list[BiasShift]:
+def correct_bias(model: nn.Module, images: torch.Tensor, progress: bool = False) -> list[BiasShift]:
     """Correct the bias of every quantized weight layer of a converted ``model`` in place.
 
     The float side of each measurement runs with the original biases (the float network), the quantized
@@ -59,6 +60,7 @@ def correct_bias(model: nn.Module, images: torch.Tensor) -> list[BiasShift]:
     Args:
         model: a model after ``convert``.
         images: calibration images (N, C, H, W) on the model's device.
+        progress: a progress bar per layer with its shift and ETA.
 
     Returns:
         The shift removed from each layer, in execution order.
@@ -71,7 +73,8 @@ def correct_bias(model: nn.Module, images: torch.Tensor) -> list[BiasShift]:
             layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype))
     original = [layer.bias.detach().clone() if layer.bias is not None else None for layer in layers]
     shifts: list[BiasShift] = []
-    for (name, layer), bias in zip(order, original, strict=True):
+    bar = tqdm(list(zip(order, original, strict=True)), desc="bias correction", unit="layer", disable=not progress)
+    for (name, layer), bias in bar:
         with float_mode(model), _biases(layers, original):
             x_float = layer_inputs(model, layer, images)
             y_float = _channel_mean(apply_weight(layer, x_float, layer.weight))
@@ -81,4 +84,5 @@ def correct_bias(model: nn.Module, images: torch.Tensor) -> list[BiasShift]:
         assert layer.bias is not None and bias is not None
         layer.bias.add_(shift.to(layer.bias.dtype))
         shifts.append(BiasShift(name, float(shift.abs().mean())))
+        bar.set_postfix_str(f"{name} mean |shift| {shifts[-1].mean_abs_shift:.3g}")
     return shifts

@@ -100,7 +100,7 @@ def _images(ctx: PTQContext) -> torch.Tensor:
 
 
 def _bias_correction(ctx: PTQContext) -> None:
-    correct_bias(ctx.model, _images(ctx))
+    correct_bias(ctx.model, _images(ctx), progress=bool(ctx.options.get("progress", True)))
 
 
 def _reconstruction(**settings: Any) -> PTQStep:

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from bitsweep.errors import BitsweepError
 from bitsweep.quant.capture import WeightLayer, execution_order, float_mode, module_inputs
 from bitsweep.quant.modules import ActivationQuantizer, QuantOutput
 
@@ -228,10 +229,18 @@ def reconstruct(
 
     Returns:
         One :class:`UnitResult` per unit, in order.
+
+    Raises:
+        BitsweepError: the model has no quantized weight layer.
     """
     model.eval()
     gen = torch.Generator().manual_seed(cfg.seed)
     todo = units(model, images[:1], cfg.unit)
+    if not todo:
+        raise BitsweepError(
+            "the model has no quantized weight layer to reconstruct (all were skipped or left in floating point); "
+            "quantize its weights or use --method rtn"
+        )
     results: list[UnitResult] = []
     bar = tqdm(todo, desc=f"reconstruct ({cfg.unit})", unit=cfg.unit, disable=not progress, leave=False)
     for name, module, layers in bar:
