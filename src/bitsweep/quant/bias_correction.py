@@ -11,8 +11,7 @@ until the lowering turns them into int32, so nothing else changes.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -35,27 +34,36 @@ def _channel_mean(y: torch.Tensor) -> torch.Tensor:
     return y.transpose(0, 1).reshape(y.shape[1], -1).mean(dim=1)  # (C,)
 
 
-@contextlib.contextmanager
-def _biases(layers: list[WeightLayer], values: list[torch.Tensor | None]) -> Iterator[None]:
-    """Temporarily give ``layers`` the biases ``values`` (the float network's, before any correction)."""
-    current = [layer.bias.detach().clone() if layer.bias is not None else None for layer in layers]
-    for layer, v in zip(layers, values, strict=True):
-        if layer.bias is not None and v is not None:
-            layer.bias.copy_(v)
+@torch.no_grad()
+def _float_means(
+    model: nn.Module, layers: list[WeightLayer], images: torch.Tensor, batch: int = 256
+) -> list[torch.Tensor]:
+    """Per-channel output means of every layer in the float network, from one pass over ``images``."""
+    sums: list[torch.Tensor | None] = [None] * len(layers)
+    counts = [0] * len(layers)
+
+    def hook(i: int, m: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        y = out.transpose(0, 1).reshape(out.shape[1], -1)  # (C, N*H*W)
+        sums[i] = y.sum(dim=1) if sums[i] is None else sums[i] + y.sum(dim=1)  # type: ignore[operator]
+        counts[i] += y.shape[1]
+
+    handles = [layer.register_forward_hook(functools.partial(hook, i)) for i, layer in enumerate(layers)]
     try:
-        yield
+        with float_mode(model):  # every quantizer off: what each layer computes in the float network
+            for k in range(0, images.shape[0], batch):
+                model(images[k : k + batch])
     finally:
-        for layer, v in zip(layers, current, strict=True):
-            if layer.bias is not None and v is not None:
-                layer.bias.copy_(v)
+        for h in handles:
+            h.remove()
+    return [s / c for s, c in zip(sums, counts, strict=True) if s is not None]
 
 
 @torch.no_grad()
 def correct_bias(model: nn.Module, images: torch.Tensor, progress: bool = False) -> list[BiasShift]:
     """Correct the bias of every quantized weight layer of a converted ``model`` in place.
 
-    The float side of each measurement runs with the original biases (the float network), the quantized
-    side with the biases corrected so far.
+    The float side is measured once, before any correction (the float network does not change); the
+    quantized side layer by layer, with the biases corrected so far.
 
     Args:
         model: a model after ``convert``.
@@ -71,17 +79,14 @@ def correct_bias(model: nn.Module, images: torch.Tensor, progress: bool = False)
     for layer in layers:
         if layer.bias is None:  # give every layer a bias to correct (zero: the same network)
             layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype))
-    original = [layer.bias.detach().clone() if layer.bias is not None else None for layer in layers]
+    float_means = _float_means(model, layers, images)
     shifts: list[BiasShift] = []
-    bar = tqdm(list(zip(order, original, strict=True)), desc="bias correction", unit="layer", disable=not progress)
-    for (name, layer), bias in bar:
-        with float_mode(model), _biases(layers, original):
-            x_float = layer_inputs(model, layer, images)
-            y_float = _channel_mean(apply_weight(layer, x_float, layer.weight))
+    bar = tqdm(list(zip(order, float_means, strict=True)), desc="bias correction", unit="layer", disable=not progress)
+    for (name, layer), y_float in bar:
         x_quant = layer_inputs(model, layer, images)
         weight_q = layer.weight_fq if layer.weight_fq is not None else layer.weight
         shift = y_float - _channel_mean(apply_weight(layer, x_quant, weight_q))
-        assert layer.bias is not None and bias is not None
+        assert layer.bias is not None
         layer.bias.add_(shift.to(layer.bias.dtype))
         shifts.append(BiasShift(name, float(shift.abs().mean())))
         bar.set_postfix_str(f"{name} mean |shift| {shifts[-1].mean_abs_shift:.3g}")
