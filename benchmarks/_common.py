@@ -40,10 +40,37 @@ def machine() -> str:
     )
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def int8_instructions() -> str:
+    """The CPU's int8 dot-product instructions, as the int8 kernels see them: AMX, AVX-512 VNNI, AVX-VNNI or none."""
+    flags = _cpu_flags()
+    found = [name for flag, name in (("amx_int8", "AMX"), ("avx512_vnni", "AVX-512 VNNI"), ("avx_vnni", "AVX-VNNI"))
+             if flag in flags]  # fmt: skip
+    return ", ".join(found) or ("none (AVX2 only)" if "avx2" in flags else "none")
+
+
+def machine_key() -> str:
+    """A short name for the kind of machine, to keep one benchmark section per kind (e.g. ``amd-epyc-vnni``)."""
+    cpu = machine().split(",")[0].lower()
+    vendor = "intel-xeon" if "xeon" in cpu else "amd-epyc" if "epyc" in cpu else re.sub(r"[^a-z0-9]+", "-", cpu)[:24]
+    flags = _cpu_flags()
+    isa = "amx" if "amx_int8" in flags else "vnni" if flags & {"avx512_vnni", "avx_vnni"} else "avx2"
+    return f"{vendor}-{isa}"
+
+
 def header(command: str) -> str:
     """The lines every section starts with: command, date, machine."""
     date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return f"Command: `{command}`  \nDate: {date}  \nMachine: {machine()}\n"
+    return f"Command: `{command}`  \nDate: {date}  \nMachine: {machine()}; int8 instructions: {int8_instructions()}\n"
 
 
 def update_section(name: str, markdown: str, path: Path = BENCHMARKS_MD) -> None:

@@ -22,14 +22,7 @@ from tqdm import tqdm
 from bitsweep.artifacts import Loaded, PackedMeta, load, load_packed, save_packed
 from bitsweep.backend.intref import compare
 from bitsweep.backend.simulate import evaluation_model
-from bitsweep.cli.common import (
-    add_command,
-    add_method_options,
-    add_threads_option,
-    check_writable,
-    method_options,
-    require_positive,
-)
+from bitsweep.cli import common
 from bitsweep.config import DataConfig, from_dict
 from bitsweep.data import TensorLoader, load_dataset
 from bitsweep.errors import BitsweepError
@@ -41,7 +34,7 @@ from bitsweep.quant import QuantConfig, ptq
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``export`` command."""
-    p = add_command(
+    p = common.add_command(
         subparsers, "export", "write a quantized model as a bit-packed file or ONNX QDQ, verified", description=__doc__
     )
     p.add_argument(
@@ -55,10 +48,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--weight-bits", type=int, default=None, help="quantize a float checkpoint to these weight bits")
     p.add_argument("--activation-bits", type=int, default=None, help="... and these activation bits")
     p.add_argument("--calib-batches", type=int, default=16, help="calibration batches (float checkpoints only)")
-    add_method_options(p)
+    common.add_method_options(p)
     p.add_argument("--batch-size", type=int, default=256, help="batch size for calibration and the check")
     p.add_argument("--check-batches", type=int, default=2, help="test batches used to verify the exported file")
-    add_threads_option(p)
+    common.add_threads_option(p)
     p.set_defaults(func=run)
 
 
@@ -94,14 +87,16 @@ def _quantize_float(
     splits = load_dataset(dataclasses.replace(loaded.data, download=False), seed=loaded.seed)
     record = loaded.record
     loader = TensorLoader(splits.train, batch_size, mean=record.mean, std=record.std)
-    return ptq(loaded.model, config, loader, num_batches=calib_batches, options=method_options(args)).model, config
+    return ptq(
+        loaded.model, config, loader, num_batches=calib_batches, options=common.method_options(args)
+    ).model, config
 
 
 def run(args: argparse.Namespace) -> int:
     """Load or quantize, export, reload/run the file, compare with the simulation, print the sizes."""
-    require_positive("--batch-size", args.batch_size)
-    require_positive("--check-batches", args.check_batches)
-    check_writable(Path(args.output).parent if args.output else Path(args.checkpoint).parent, "--output")
+    common.require_positive("--batch-size", args.batch_size)
+    common.require_positive("--check-batches", args.check_batches)
+    common.check_writable(Path(args.output).parent if args.output else Path(args.checkpoint).parent, "--output")
     loaded = load(args.checkpoint)
     if loaded.kind != "float":
         if args.weight_bits is not None or args.activation_bits is not None:
@@ -112,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
             raise BitsweepError(
                 "a float checkpoint needs --weight-bits and --activation-bits (or run 'bitsweep quantize')"
             )
-        require_positive("--calib-batches", args.calib_batches)
+        common.require_positive("--calib-batches", args.calib_batches)
         model, config = _quantize_float(loaded, args, args.calib_batches, args.batch_size)
     extra = loaded.meta if loaded.kind == "packed" else loaded.source_meta()
     meta = PackedMeta(loaded.record, config, extra)

@@ -20,14 +20,7 @@ from tqdm import tqdm
 from bitsweep.artifacts import load
 from bitsweep.artifacts.quantized import quantized_state, save_quantized
 from bitsweep.backend.simulate import evaluation_model, runner_for
-from bitsweep.cli.common import (
-    add_command,
-    add_method_options,
-    add_threads_option,
-    check_writable,
-    method_options,
-    require_positive,
-)
+from bitsweep.cli import common
 from bitsweep.config import to_dict
 from bitsweep.data import TensorLoader, load_dataset
 from bitsweep.errors import BitsweepError
@@ -40,7 +33,7 @@ from bitsweep.training import checkpoint_info, evaluate
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``quantize`` command."""
-    p = add_command(subparsers, "quantize", "quantize a trained checkpoint's weights and activations (PTQ)")
+    p = common.add_command(subparsers, "quantize", "quantize a trained checkpoint's weights and activations (PTQ)")
     p.add_argument("checkpoint", help="a bitsweep checkpoint (best.pt / last.pt) or a run directory")
     p.add_argument("--weight-bits", "--weight_quant_bits", dest="weight_bits", type=int, default=8,
                    help="weight bit width, 1..16")  # fmt: skip
@@ -48,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    help="activation bit width, 1..16")  # fmt: skip
     p.add_argument("--granularity", default="per_channel", help="weight scales: per_channel or per_tensor")
     p.add_argument("--observer", default="minmax", help="minmax, moving_average, percentile or mse")
-    add_method_options(p)
+    common.add_method_options(p)
     p.add_argument("--calib-batches", type=int, default=16, help="calibration batches")
     p.add_argument("--calib-split", default="train", choices=("train", "val"), help="split to calibrate on")
     p.add_argument("--batch-size", type=int, default=256, help="calibration batch size")
@@ -62,7 +55,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--no-fold-bn", action="store_true", help="keep BatchNorm unfolded")
     p.add_argument("--output", default=None, help="quantized checkpoint path (default: beside the input)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
-    add_threads_option(p)
+    common.add_threads_option(p)
     p.set_defaults(func=run)
 
 
@@ -81,12 +74,12 @@ def build_config(args: argparse.Namespace) -> QuantConfig:
 def run(args: argparse.Namespace) -> int:
     """Load, calibrate, convert, evaluate FP32 and quantized, write the checkpoint and a JSON record."""
     config = build_config(args)
-    require_positive("--calib-batches", args.calib_batches)
-    require_positive("--batch-size", args.batch_size)
-    require_positive("--eval-batch-size", args.eval_batch_size)
+    common.require_positive("--calib-batches", args.calib_batches)
+    common.require_positive("--batch-size", args.batch_size)
+    common.require_positive("--eval-batch-size", args.eval_batch_size)
     src_path = Path(args.checkpoint)  # the output folder must be writable before 80 s of work, not after
-    check_writable(Path(args.output).parent if args.output else src_path.parent if src_path.is_file() else src_path,
-                   "--output")  # fmt: skip
+    out_dir = Path(args.output).parent if args.output else src_path.parent if src_path.is_file() else src_path
+    common.check_writable(out_dir, "--output")
     device = choose_device(args.device)
     loaded = load(args.checkpoint, device, expect="float")  # refuses damaged or NaN/inf weights before any work
     model, info, source = loaded.model, checkpoint_info(loaded.meta), loaded.meta
@@ -103,7 +96,9 @@ def run(args: argparse.Namespace) -> int:
     calib_loader = loader(calib_set, shuffle=True, batch_size=args.batch_size)
     calib = tqdm(calib_loader, total=min(args.calib_batches, len(calib_loader)), desc="calibrate", unit="batch",
                  leave=False)  # fmt: skip
-    result = ptq(copy.deepcopy(model), config, calib, num_batches=args.calib_batches, options=method_options(args))
+    result = ptq(
+        copy.deepcopy(model), config, calib, num_batches=args.calib_batches, options=common.method_options(args)
+    )
     qmodel, summary = result.model, result.summary
     # Quantized accuracy from the integer-exact simulation (what an integer deployment computes).
     images = len(splits.val.labels) + len(splits.test.labels)

@@ -6,16 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from bitsweep.cli.common import (
-    add_command,
-    add_method_options,
-    add_threads_option,
-    bit_list,
-    check_writable,
-    method_options,
-    require_positive,
-    str_list,
-)
+from bitsweep.cli import common
 from bitsweep.errors import BitsweepError
 from bitsweep.report import build_report
 from bitsweep.runtime import choose_device
@@ -26,7 +17,7 @@ from bitsweep.sweep.runner import EXECUTORS, ExecutorConfig
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``sweep`` command."""
-    p = add_command(
+    p = common.add_command(
         subparsers,
         "sweep",
         help="quantize a checkpoint at every bit width in a grid, measure each, recommend the smallest good one",
@@ -37,15 +28,20 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "example: bitsweep sweep runs/fm/best.pt --weight-bits 1,2,4,8,16 --activation-bits 1,2,4,8,16 --jobs 2",
     )
     p.add_argument("checkpoint", help="bitsweep checkpoint (best.pt) or run directory")
-    p.add_argument("--weight-bits", type=bit_list, default=[1, 2, 4, 8, 16], help="weight bit widths, 1..16")
-    p.add_argument("--activation-bits", type=bit_list, default=[1, 2, 4, 8, 16], help="activation bit widths, 1..16")
+    p.add_argument("--weight-bits", type=common.bit_list, default=[1, 2, 4, 8, 16], help="weight bit widths, 1..16")
     p.add_argument(
-        "--granularity", type=str_list, default=["per_channel"], help="weight scales: per_channel,per_tensor"
+        "--activation-bits", type=common.bit_list, default=[1, 2, 4, 8, 16], help="activation bit widths, 1..16"
     )
     p.add_argument(
-        "--observer", type=str_list, default=["minmax"], help="range observers: minmax,moving_average,percentile,mse"
+        "--granularity", type=common.str_list, default=["per_channel"], help="weight scales: per_channel,per_tensor"
     )
-    add_method_options(p, several=True)
+    p.add_argument(
+        "--observer",
+        type=common.str_list,
+        default=["minmax"],
+        help="range observers: minmax,moving_average,percentile,mse",
+    )
+    common.add_method_options(p, several=True)
     p.add_argument(
         "--calib-batches", type=int, default=8, help="calibration batches of training images (collected once)"
     )
@@ -63,7 +59,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument(
         "--address", default=None, help="Ray cluster address for --executor ray (default: start a local Ray)"
     )
-    add_threads_option(p, ", split between the --jobs workers")
+    common.add_threads_option(p, ", split between the --jobs workers")
     p.add_argument("--max-drop", type=float, default=1.0, help="accuracy budget: validation top-1 points below FP32")
     p.add_argument("--output", default=None, help="output directory (default: CHECKPOINT's directory/sweep)")
     p.add_argument("--data-dir", default=None, help="dataset files, when not where the checkpoint's config says")
@@ -85,9 +81,9 @@ def default_output(checkpoint: str) -> str:
 def run(args: argparse.Namespace) -> int:
     """Run the sweep, print the Pareto front and the recommendation, build the report."""
     for name in ("calib_batches", "calib_batch_size", "batch_size", "jobs"):
-        require_positive("--" + name.replace("_", "-"), getattr(args, name))
+        common.require_positive("--" + name.replace("_", "-"), getattr(args, name))
     try:
-        options = method_options(args)
+        options = common.method_options(args)
         settings = EvalSettings(
             args.calib_batches, args.calib_batch_size, args.batch_size, args.limit, args.compile,
             method_images=int(options["images"]), method_iterations=args.method_iterations,
@@ -103,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         "method": args.methods,
     }
     output = args.output or default_output(args.checkpoint)
-    check_writable(output, "--output")
+    common.check_writable(output, "--output")
     try:
         outcome = sweep_checkpoint(
             args.checkpoint, output, axes, settings, executor, choose_device(args.device), args.data_dir,
