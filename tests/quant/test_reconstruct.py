@@ -78,8 +78,10 @@ def test_block_reconstruction_lowers_block_error(mbv2: nn.Module, images: torch.
     cfg = ReconstructConfig(unit="block", iterations=60, batch_size=8, learn_activations=True, drop_prob=0.5)
     results = reconstruct(model, images, cfg, progress=False)
     assert results[2].name == "features.2"
-    improved = [r.learned_mse < r.nearest_mse for r in results]
-    assert sum(improved) >= len(results) - 1, results
+    assert all(r.learned_mse <= r.nearest_mse for r in results), results  # never worse than where it started
+    improved = [r for r in results if r.learned_mse < 0.9 * r.nearest_mse]
+    assert len(improved) >= len(results) // 2, results  # and clearly better on most blocks
+    assert sum(r.learned_mse for r in results) < 0.9 * sum(r.nearest_mse for r in results)
 
 
 def test_bias_correction_lowers_mean_output_error(mbv2: nn.Module, images: torch.Tensor) -> None:

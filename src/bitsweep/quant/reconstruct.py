@@ -167,6 +167,7 @@ class DroppedQuantizer:
 
     def __init__(self, quantizer: ActivationQuantizer, learn: bool, drop_prob: float, generator: torch.Generator):
         self.q = quantizer
+        self.initial_scale = quantizer.scale.detach().clone()
         self.forward = quantizer.forward  # the class's forward, bound: called under the patch
         self.scale = quantizer.make_trainable(grad_scale=True) if learn else None
         self.drop_prob = drop_prob
@@ -268,7 +269,12 @@ def _fit_unit(
     cfg: ReconstructConfig,
     gen: torch.Generator,
 ) -> tuple[float, float, float]:
-    """Optimise one unit; returns (nearest mse, learned mse, fraction of integers flipped)."""
+    """Optimise one unit; returns (nearest mse, learned mse, fraction of integers flipped).
+
+    A unit whose learned result reconstructs worse than where it started (possible with few steps: the
+    annealed regulariser forces hard rounding at the end) keeps its starting integers and scales, so
+    reconstruction never makes a unit worse on the calibration images.
+    """
 
     def mse() -> float:
         with torch.no_grad():
@@ -276,6 +282,7 @@ def _fit_unit(
             return float((out - target).pow(2).mean())
 
     nearest = mse()
+    start = [(layer, layer.weight_quantizer.q.clone()) for layer in layers]
     soft = [SoftWeight(layer) for layer in layers]
     quantizers = (
         [m for m in module.modules() if isinstance(m, ActivationQuantizer) and m.mode == "quantize"]
@@ -316,7 +323,17 @@ def _fit_unit(
             m.try_fuse()
     total = sum(s.layer.weight.numel() for s in soft) or 1
     changed = sum(f * s.layer.weight.numel() for f, s in zip(flipped, soft, strict=True))
-    return nearest, mse(), changed / total
+    learned = mse()
+    if learned > nearest:  # keep the starting point (see the docstring)
+        for layer, q in start:
+            layer.set_integers(q, layer.weight_quantizer.scale, layer.weight_quantizer.zero_point)
+        for st in steps:
+            st.q.set_qparams(st.q.spec, st.initial_scale, st.q.zero_point)
+        for m in module.modules():
+            if isinstance(m, QuantOutput):
+                m.try_fuse()
+        return nearest, mse(), 0.0
+    return nearest, learned, changed / total
 
 
 def _patch(module: nn.Module, soft: list[SoftWeight], steps: list[DroppedQuantizer]) -> Callable[[], None]:
