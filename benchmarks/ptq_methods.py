@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append([method, *cols, f"{secs:.0f}"])
     iters = f"{args.iterations} steps per unit" if args.iterations else "default steps per unit"
     text = (
-        header("python benchmarks/ptq_methods.py" + (" --quick" if args.quick else ""))
+        header(" ".join(["python", "benchmarks/ptq_methods.py", *(argv if argv is not None else sys.argv[1:])]))
         + f"\nTest top-1 (%), integer-exact simulation, {len(test[1])} test images; FP32 {fp32:.2f} % "
         f"(val {fp32_val:.2f} %). Calibration and reconstruction: the first {args.images} training images, "
         f"{iters}; seconds = the whole `ptq` call on {args.threads} threads.\n\n{md_table(headers, rows)}\n"
