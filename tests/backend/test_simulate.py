@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import pytest
@@ -10,22 +11,65 @@ from torch import nn
 
 from bitsweep.backend.intref import run_integer
 from bitsweep.backend.lowering import lower
-from bitsweep.backend.simulate import CompiledRunner, Simulator, evaluation_model, int8_convolutions_exact, simulate
+from bitsweep.backend.simulate import (
+    INT16_PAIR_LIMIT,
+    CompiledRunner,
+    Simulator,
+    evaluation_model,
+    int8_pair_limit,
+    simulate,
+    split_weights,
+)
 from bitsweep.quant import QuantConfig, ptq
 
 QuantFactory = Callable[..., tuple[nn.Module, QuantConfig]]
 
 
 @pytest.mark.parametrize("int8", [False, pytest.param(True, marks=pytest.mark.skipif(
-    not int8_convolutions_exact(), reason="this CPU has no VNNI/AMX: int8 kernels are not used here"))])  # fmt: skip
-def test_simulation_equals_the_reference_on_either_kernel(quantized: QuantFactory, int8: bool) -> None:
-    model, _ = quantized(4, 8)
+    int8_pair_limit() is None, reason="this CPU has no int8 convolution kernels"))])  # fmt: skip
+@pytest.mark.parametrize("bits", [(4, 8), (8, 8), (2, 4)])
+def test_simulation_equals_the_reference_on_either_kernel(quantized: QuantFactory, int8: bool,
+                                                          bits: tuple[int, int]) -> None:  # fmt: skip
+    model, _ = quantized(*bits)
     x = torch.randn(10, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     sim = Simulator(lower(model, x), int8=int8)
     kinds = {step[0] for step in sim.plan}
     assert ("qconv" in kinds) == int8 and ("conv" in kinds) != int8
     assert torch.equal(sim(x), run_integer(model, x))
     assert torch.equal(sim(x.contiguous(memory_format=torch.channels_last)), sim(x))
+
+
+@pytest.mark.parametrize("limit", [math.inf, INT16_PAIR_LIMIT])
+def test_split_weights_sum_to_the_weights_and_keep_the_pair_limit(limit: float) -> None:
+    w = torch.randint(-128, 128, (64, 8, 3, 3), generator=torch.Generator().manual_seed(0))
+    w[0, 0, 0, 0], w[1, 0, 0, 0] = -128, 127
+    for x_max in (1, 15, 127, 128, 255):
+        parts = split_weights(w, x_max, limit)
+        assert torch.equal(sum(parts), w)
+        assert all(2 * x_max * int(p.abs().max()) <= limit for p in parts)
+        assert len(parts) == (1 if 2 * x_max * 128 <= limit else 2)
+
+
+def _int8_conv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """One oneDNN u8 x s8 1x1 convolution, as the simulation calls it (scales 1, zero points 0)."""
+    c = w.shape[0]
+    packed = torch.ops.onednn.qconv_prepack(w.to(torch.int8), torch.ones(c), 1.0, 0, [1, 1], [0, 0], [1, 1], 1, None)
+    return torch.ops.onednn.qconv2d_pointwise.tensor(
+        x.to(torch.uint8), torch.ones(()), torch.tensor(0), packed, torch.ones(c), torch.zeros(c, dtype=torch.int64),
+        None, [1, 1], [0, 0], [1, 1], 1, 1.0, 0, torch.float32, "none", [], "",
+    )  # fmt: skip
+
+
+@pytest.mark.skipif(int8_pair_limit() != INT16_PAIR_LIMIT, reason="the int16 pair limit of AVX2-only CPUs")
+def test_avx2_int8_kernels_are_exact_within_the_pair_limit_only() -> None:
+    """Why the limit exists, shown on the CPU itself: 255 x 127 pairs saturate, 255 x 64 pairs do not."""
+    x = torch.full((1, 32, 4, 4), 255.0)
+    for w_max, exact in ((127, False), (64, True)):
+        w = torch.full((8, 32, 1, 1), w_max, dtype=torch.int64)
+        out = _int8_conv(x, w)
+        assert bool((out == 255 * w_max * 32).all()) == exact
+        parts = split_weights(w, 255, INT16_PAIR_LIMIT)
+        assert torch.equal(sum(_int8_conv(x, p) for p in parts), torch.full_like(out, 255 * w_max * 32))
 
 
 def test_activation_bits_change_the_simulation(quantized: QuantFactory) -> None:
@@ -38,7 +82,7 @@ def test_activation_bits_change_the_simulation(quantized: QuantFactory) -> None:
 def test_compiled_runner_pads_and_compiles_once(quantized: QuantFactory) -> None:
     x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     runner = CompiledRunner(batch_size=8)
-    for bits in (8, 4):
+    for bits in (4, 2):  # (W8A8 has a plan of its own on AVX2-only CPUs)
         sim = simulate(quantized(bits, bits)[0], x)
         assert torch.equal(runner(sim, x), sim(x))  # 5 images padded to the compiled batch of 8
     assert len(runner._compiled) == 1

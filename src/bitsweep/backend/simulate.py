@@ -8,9 +8,22 @@ program of :mod:`bitsweep.backend.lowering` with *integers held in float32
 tensors* between layers, so convolutions use the fast float kernels (oneDNN
 on CPU): sums of integers are exact in float32 while they stay below 2**24,
 which the lowering checks per layer from the worst-case accumulator.
-Requantization ``(acc * m0 + 2**(shift-1)) >> shift`` runs in int64, as in
-the integer reference. Every intermediate integer therefore equals the
-reference's (:mod:`bitsweep.backend.intref`), and so do the logits.
+Requantization ``(acc * m0 + 2**(shift-1)) >> shift`` runs in float64,
+exactly: the lowering keeps ``|acc| * m0 < 2**53``, so ``y = acc * m0 *
+2**-shift`` is exact, ``floor(y)`` is exact, and the rounding bit is the
+exact comparison ``y >= floor(y) + 1/2``. (The integer reference computes
+the same thing with int64 multiplies and shifts; float64 is used here
+because CPUs without AVX-512 have no vector int64 multiply or arithmetic
+shift, and int64 requantization was most of the time on AVX2-only CPUs.)
+Every intermediate integer therefore equals the reference's
+(:mod:`bitsweep.backend.intref`), and so do the logits.
+
+Convolutions whose operands fit in 8 bits run on oneDNN's int8 kernels
+where they sum exactly (:func:`int8_pair_limit`): on CPUs with VNNI or AMX
+always; on AVX2-only x86 CPUs, whose kernels add pairs of ``u8 x s8``
+products into a saturating int16, only when every pair is below 2**15,
+and otherwise with the weights split into parts that each keep that bound
+(two parts at 8-bit weights and activations; the part sums add exactly).
 
 Layers whose worst-case sum can reach 2**24 (16-bit weights or activations)
 are listed in ``Program.inexact``: their float32 sums may round by a unit in
@@ -28,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -42,30 +56,44 @@ from bitsweep.errors import BitsweepError
 Plan = tuple[tuple[Any, ...], ...]  # static, hashable: op kinds, value names, conv geometry, tensor indices
 
 
-def _requant_consts(m0: torch.Tensor, shift: torch.Tensor, binary: bool, constant: int | None) -> list[torch.Tensor]:
-    """``(m0, rounding offset, shift)`` of ``(acc * m0 + r) >> shift``, with binary grids in the same form.
+def _requant_consts(m0: torch.Tensor, shift: torch.Tensor, binary: bool, constant: int | None, lo: int, hi: int,
+                    dim: int) -> list[torch.Tensor]:  # fmt: skip
+    """Float64 ``(ms, h, lo, hi)`` of ``clamp(floor(y) + (y >= floor(y) + h), lo, hi)`` with ``y = acc * ms``.
 
-    A binary output is ``+1 if acc >= 0 else -1``: ``(4 acc + 2) >> 1 = 2 acc + 1``, clamped to [-1, 1],
-    is exactly that; a constant +-1 is ``(0 + -+2) >> 1``.
+    ``ms = m0 * 2**-shift`` and ``h = 1/2`` give ``(acc * m0 + 2**(shift-1)) >> shift``. A binary
+    output ``+1 if acc >= 0 else -1`` is ``ms = 2, h = 0``: ``2 acc + 1`` clamped to [-1, 1]; a
+    constant +-1 is ``ms = 0, h = 0`` (that is, 1) clamped to ``[constant, constant]``.
     """
+    f64 = functools.partial(torch.tensor, dtype=torch.float64)
     if binary:
-        m = torch.zeros_like(m0) if constant is not None else torch.full_like(m0, 4)
-        r = torch.full_like(m0, 2 if constant in (None, 1) else -2)
-        return [m, r, torch.ones_like(shift)]
-    return [m0.clone(), torch.ones_like(shift) << (shift - 1), shift.clone()]
+        ms = torch.full(m0.shape, 0.0 if constant is not None else 2.0, dtype=torch.float64)
+        h = torch.zeros(m0.shape, dtype=torch.float64)
+        if constant is not None:
+            lo = hi = constant
+    else:
+        ms = m0.double() * torch.pow(2.0, -shift.double())  # exact: a power of two times an integer below 2**31
+        h = torch.full(m0.shape, 0.5, dtype=torch.float64)
+    return [lw.channel_view(ms, dim), lw.channel_view(h, dim), f64(lo), f64(hi)]
 
 
-def int8_convolutions_exact() -> bool:
-    """True when oneDNN's int8 convolutions sum exactly on this CPU (VNNI or AMX instructions).
+INT16_PAIR_LIMIT = 2**15 - 1  # AVX2 int8 kernels: vpmaddubsw adds two u8 x s8 products into a saturating int16
 
-    Without them, x86 int8 kernels multiply-add pairs into saturating int16 and can be off,
-    so the float32 path is used instead.
+
+def int8_pair_limit() -> float | None:
+    """How exactly oneDNN's int8 (``u8 x s8``) convolutions sum on this CPU.
+
+    Returns ``inf`` with VNNI or AMX instructions (products summed in int32: exact),
+    :data:`INT16_PAIR_LIMIT` on other x86 CPUs with AVX2 (pairs of products are summed
+    into a saturating int16 first, so ``|x1 w1 + x2 w2|`` must stay below 2**15 for the
+    sum to be exact), and None elsewhere (int8 kernels not used).
     """
     try:
         cap = torch._C._cpu._get_cpu_capability()
     except Exception:  # noqa: BLE001 - not x86, or a torch without the query
-        return False
-    return any(bool(cap.get(k)) for k in ("avx512_vnni", "avx_vnni", "amx_int8"))
+        return None
+    if any(bool(cap.get(k)) for k in ("avx512_vnni", "avx_vnni", "amx_int8")):
+        return math.inf
+    return float(INT16_PAIR_LIMIT) if cap.get("avx2") else None
 
 
 def _int8_zero_point(s: lw.Accumulate) -> int | None:
@@ -78,15 +106,35 @@ def _int8_zero_point(s: lw.Accumulate) -> int | None:
     return zp if s.x_hi + zp <= 255 else None
 
 
+def split_weights(weight: torch.Tensor, x_max: int, pair_limit: float) -> list[torch.Tensor]:
+    """Integer weights as parts that sum to them, each with ``2 * x_max * |part| <= pair_limit``.
+
+    >>> [p.tolist() for p in split_weights(torch.tensor([127, -128, 5]), 255, 32767)]
+    [[64, -64, 5], [63, -64, 0]]
+    """
+    cap = max(1, int(pair_limit // (2 * max(x_max, 1)))) if math.isfinite(pair_limit) else None
+    if cap is None or int(weight.abs().max()) <= cap:
+        return [weight]
+    parts, rest = [], weight
+    while int(rest.abs().max()) > cap:
+        part = rest.clamp(-cap, cap)
+        parts.append(part)
+        rest = rest - part
+    return [*parts, rest]
+
+
 def build(program: lw.Program, device: torch.device, int8: bool | None = None) -> tuple[Plan, list[torch.Tensor]]:
     """Split ``program`` into a static plan and the list of tensors it reads (the per-configuration numbers).
 
-    ``int8``: run convolutions whose operands fit in 8 bits on oneDNN's int8 kernels (int32 sums,
-    exact; about 2x faster than float32 on CPUs with VNNI/AMX). Default: on CPU when
-    :func:`int8_convolutions_exact`.
+    ``int8``: run convolutions whose operands fit in 8 bits on oneDNN's int8 kernels (exact sums,
+    with the weights split where :func:`int8_pair_limit` asks; about 2x faster than float32).
+    Default: on CPU when this CPU has int8 kernels.
     """
+    limit = int8_pair_limit()
     if int8 is None:
-        int8 = device.type == "cpu" and int8_convolutions_exact()
+        int8 = device.type == "cpu" and limit is not None
+    if int8 and limit is None:
+        limit = math.inf  # asked for explicitly (tests on other CPUs): trust the kernels
     plan: list[tuple[Any, ...]] = []
     tensors: list[torch.Tensor] = []
 
@@ -108,25 +156,25 @@ def build(program: lw.Program, device: torch.device, int8: bool | None = None) -
                 geometry = (tuple(s.stride), tuple(s.padding), tuple(s.dilation), s.groups)
             if s.op == "conv" and zp is not None:
                 lists = (list(s.stride), list(s.padding), list(s.dilation), s.groups)
-                packed = torch.ops.onednn.qconv_prepack(s.weight.to(torch.int8), torch.ones(c), 1.0, zp, *lists, None)
-                k = add(packed, torch.ones(c), torch.zeros(c, dtype=torch.int64), torch.ones(()), i64(zp))
-                plan.append(("qconv", s.src, s.dst, *geometry, k))
+                parts = [torch.ops.onednn.qconv_prepack(p.to(torch.int8), torch.ones(c), 1.0, zp, *lists, None)
+                         for p in split_weights(s.weight, s.x_hi + zp, limit or math.inf)]  # fmt: skip
+                k = add(torch.ones(c), torch.zeros(c, dtype=torch.int64), torch.ones(()), i64(zp), *parts)
+                plan.append(("qconv", s.src, s.dst, *geometry, k, len(parts)))
             elif s.op == "conv":
                 plan.append(("conv", s.src, s.dst, *geometry, add(s.weight.float())))
             if s.op == "conv":
                 b = s.bias if s.bias is not None else torch.zeros(c, dtype=torch.int64)
-                plan.append(("bias", s.dst, add(lw.channel_view(b, 4))))
+                plan.append(("bias", s.dst, add(lw.channel_view(b.double(), 4))))  # exact: |bias| < 2**53
             else:
                 b = s.bias.double() if s.bias is not None else torch.zeros(c, dtype=torch.float64)
                 plan.append(("linear", s.src, s.dst, add(s.weight.double(), b)))
         elif isinstance(s, lw.Requantize):
-            consts = _requant_consts(s.m0, s.shift, s.binary, s.constant)
-            k = add(*(lw.channel_view(c, s.dim) for c in consts), i64(s.lo), i64(s.hi))
+            k = add(*_requant_consts(s.m0, s.shift, s.binary, s.constant, s.lo, s.hi, s.dim))
             plan.append(("requant", s.src, s.dst, k))
         elif isinstance(s, lw.AddGrids):
-            one = i64([1])
-            consts = _requant_consts(one, i64([s.prec]), s.binary, None)
-            plan.append(("add", s.a, s.b, s.dst, add(i64(s.ma), i64(s.mb), *consts, i64(s.lo), i64(s.hi))))
+            consts = _requant_consts(i64([1]), i64([s.prec]), s.binary, None, s.lo, s.hi, 1)
+            ma, mb = (torch.tensor(float(m), dtype=torch.float64) for m in (s.ma, s.mb))
+            plan.append(("add", s.a, s.b, s.dst, add(ma, mb, *consts)))
         elif isinstance(s, lw.PoolSum):
             plan.append(("pool", s.src, s.dst, s.kernel, s.stride))
         elif isinstance(s, lw.ClampInts):
@@ -141,10 +189,12 @@ def build(program: lw.Program, device: torch.device, int8: bool | None = None) -
     return tuple(plan), tensors
 
 
-def _requant(acc: torch.Tensor, m0: torch.Tensor, r: torch.Tensor, shift: torch.Tensor,
-             lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:  # fmt: skip
-    """``clamp((acc * m0 + r) >> shift, lo, hi)`` in int64 (acc holds integers), returned as float32."""
-    q = (acc.to(torch.int64) * m0 + r) >> shift
+def _requant(acc: torch.Tensor, ms: torch.Tensor, h: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """``clamp(floor(y) + (y >= floor(y) + h), lo, hi)``, ``y = acc * ms``, in float64 (exact, see the module
+    docstring); ``acc`` holds integers. Returned as float32."""
+    y = acc.to(torch.float64) * ms
+    f = torch.floor(y)
+    q = f + (y >= f + h).to(torch.float64)
     return torch.minimum(torch.maximum(q, lo), hi).to(torch.float32)
 
 
@@ -163,26 +213,45 @@ def run(plan: Plan, tensors: list[torch.Tensor], x: torch.Tensor) -> torch.Tenso
         elif kind == "conv":
             _, src, dst, stride, padding, dilation, groups, k = step
             env[dst] = F.conv2d(env[src], t[k], None, stride, padding, dilation, groups)
-        elif kind == "qconv":  # int8 x int8 -> int32 sums (oneDNN, VNNI/AMX), returned as float32: exact below 2**24
-            _, src, dst, stride, padding, dilation, groups, k = step
-            xq = (env[src] + t[k + 4]).to(torch.uint8)  # centered integers + the layer's zero point
-            env[dst] = torch.ops.onednn.qconv2d_pointwise.tensor(
-                xq, t[k + 3], t[k + 4], t[k], t[k + 1], t[k + 2], None, list(stride),
-                list(padding), list(dilation), groups, 1.0, 0, torch.float32, "none", [], "",
-            )  # fmt: skip
+        elif kind == "qconv":  # u8 x s8 -> exact int32 sums (oneDNN), returned as float32: exact below 2**24
+            _, src, dst, stride, padding, dilation, groups, k, parts = step
+            xq = (env[src] + t[k + 3]).to(torch.uint8)  # centered integers + the layer's zero point
+            sums = [
+                torch.ops.onednn.qconv2d_pointwise.tensor(
+                    xq,
+                    t[k + 2],
+                    t[k + 3],
+                    t[k + 4 + j],
+                    t[k],
+                    t[k + 1],
+                    None,
+                    list(stride),
+                    list(padding),
+                    list(dilation),
+                    groups,
+                    1.0,
+                    0,
+                    torch.float32,
+                    "none",
+                    [],
+                    "",
+                )  # fmt: skip
+                for j in range(parts)  # weight parts (AVX2 pair limit): partial sums of integers add exactly
+            ]
+            env[dst] = sums[0] if parts == 1 else sum(sums[1:], sums[0])
         elif kind == "bias":
             _, dst, k = step
-            env[dst] = env[dst].to(torch.int64) + t[k]
+            env[dst] = env[dst].to(torch.float64) + t[k]
         elif kind == "linear":
             _, src, dst, k = step
             env[dst] = F.linear(env[src].double(), t[k], t[k + 1])
         elif kind == "requant":
             _, src, dst, k = step
-            env[dst] = _requant(env[src], *t[k : k + 5])
+            env[dst] = _requant(env[src], *t[k : k + 4])
         elif kind == "add":
             _, a, b, dst, k = step
-            total = env[a].to(torch.int64) * t[k] + env[b].to(torch.int64) * t[k + 1]
-            env[dst] = _requant(total, *t[k + 2 : k + 7])
+            total = env[a].to(torch.float64) * t[k] + env[b].to(torch.float64) * t[k + 1]  # exact below 2**52
+            env[dst] = _requant(total, *t[k + 2 : k + 6])
         elif kind == "pool":
             _, src, dst, kernel, stride = step
             v = env[src].double()
