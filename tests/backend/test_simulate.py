@@ -7,14 +7,18 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
-from bitsweep.backend.intref import run_integer
+from bitsweep.backend.intref import round_shift, run_integer
 from bitsweep.backend.lowering import lower
 from bitsweep.backend.simulate import (
     INT16_PAIR_LIMIT,
     CompiledRunner,
     Simulator,
+    _requant,
+    _requant_consts,
     evaluation_model,
     int8_pair_limit,
     simulate,
@@ -100,3 +104,28 @@ def test_evaluation_model_reports_exactness(quantized: QuantFactory) -> None:
     _, kind8 = evaluation_model(quantized(8, 8)[0], torch.zeros(1, 1, 8, 8))
     _, kind16 = evaluation_model(quantized(16, 16)[0], torch.zeros(1, 1, 8, 8))
     assert (kind8, kind16) == ("integer-exact", "integer")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 52), st.integers(1, 62), st.data())
+def test_float64_requantization_equals_the_int64_one(acc_bits: int, shift: int, data: st.DataObject) -> None:
+    """The simulation's float64 requantization is the reference's int64 one whenever ``|acc| * m0 < 2**53``."""
+    acc = data.draw(st.integers(-(2**acc_bits) + 1, 2**acc_bits - 1))
+    for value, m in EDGE_CASES:  # ties and the 2**53 edge, every time
+        _check_requant(value, m, shift)
+    m0 = data.draw(st.integers(1, max(1, min(2**31 - 1, (2**53 - 1) // max(abs(acc), 1)))))
+    _check_requant(acc, m0, shift)
+
+
+EDGE_CASES = [(3, 1), (-3, 1), (1, 1), (-1, 1), (2**21 + 1, 2**31 - 1), (-(2**21) - 1, 2**31 - 1), (2**52 - 1, 1)]
+
+
+def _check_requant(acc: int, m0: int, shift: int) -> None:
+    acc_t, m0_t, shift_t = torch.tensor([acc]), torch.tensor([m0]), torch.tensor([shift])
+    want = int(round_shift(acc_t * m0_t, shift_t)[0])
+    ms, h, lo, hi = _requant_consts(m0_t, shift_t, False, None, -(2**62), 2**62, 1)
+    got = torch.floor(acc_t.double() * ms)
+    got = got + (acc_t.double() * ms >= got + h).double()
+    assert int(got[0]) == want
+    if abs(want) < 2**24:  # what the simulation returns (float32) is exact there
+        assert int(_requant(acc_t.double(), ms, h, lo, hi)[0]) == want

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from bitsweep.errors import BitsweepError
-from bitsweep.sweep.grid import AXES, ID_BASE_AXES, Cell, baseline_cell, expand_grid
+from bitsweep.sweep.grid import AXES, ID_BASE_AXES, Cell, baseline_cell, compile_group, expand_grid, spread_compiles
 
 # Written by `bitsweep sweep` at commit 78a637c, before the method axis existed (5 cells of a tiny model).
 V1_RESULTS = Path(__file__).parent / "data" / "v1_results.jsonl"
@@ -97,3 +97,11 @@ def test_rows_written_before_the_method_axis_keep_their_ids() -> None:
     # the same grid expanded today, with the new axis at its default, is exactly the finished cells
     cells = expand_grid({**header["grid"], "method": ["rtn"]})
     assert [c.cell_id for c in cells] == [r["cell_id"] for r in rows]
+
+
+def test_spread_compiles_only_reorders_and_leads_with_one_cell_per_compiled_graph() -> None:
+    cells = expand_grid({"weight_bits": [1, 2, 4, 8, 16], "activation_bits": [1, 2, 4, 8, 16]})
+    spread = spread_compiles(cells)
+    assert sorted(c.cell_id for c in spread) == sorted(c.cell_id for c in cells)
+    assert [compile_group(c) for c in spread[:4]] == ["float", "narrow", "wide", "w8a8"]
+    assert spread_compiles(spread) == spread  # stable

@@ -22,7 +22,7 @@ from bitsweep.artifacts.checkpoint import resolve
 from bitsweep.errors import BitsweepError
 from bitsweep.runtime import environment
 from bitsweep.sweep.evaluate import CheckpointEvaluator, EvalSettings, file_sha256, quant_config_for
-from bitsweep.sweep.grid import Cell, expand_grid
+from bitsweep.sweep.grid import Cell, expand_grid, spread_compiles
 from bitsweep.sweep.pareto import Recommendation, pareto_front, recommend
 from bitsweep.sweep.results import make_header
 from bitsweep.sweep.runner import ExecutorConfig, SweepRun, run_sweep
@@ -82,7 +82,7 @@ def sweep_checkpoint(
         BitsweepError: bad grid, missing checkpoint, a results file from another sweep, a folder
             another sweep is using, ...
     """
-    cells = expand_grid(axes)
+    cells = spread_compiles(expand_grid(axes))  # workers start on different compiled graphs
     for cell in cells:  # reject a bad observer or combination before any worker starts
         if not cell.is_baseline:
             quant_config_for(cell)

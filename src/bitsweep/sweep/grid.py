@@ -185,3 +185,40 @@ def expand_grid(axes: Mapping[str, Sequence[Any]], include_baseline: bool = True
     if len(cells) == (1 if include_baseline else 0):
         raise BitsweepError("the sweep grid is empty; give at least one weight and one activation bit width")
     return cells
+
+
+def compile_group(cell: Cell) -> str:
+    """Which compiled graph of the integer-exact simulation ``cell`` runs on (a heuristic, see below).
+
+    ``float`` (the FP32 baseline, nothing compiled), ``wide`` (a 16-bit operand: float32 kernels),
+    ``w8a8`` (8-bit weights and activations: its own graph on AVX2-only CPUs, split int8 weights)
+    and ``narrow`` (everything else up to 8 bits).
+    """
+    if cell.is_baseline:
+        return "float"
+    w, a = cell.weight_bits or 32, cell.activation_bits or 32
+    if max(w, a) > 8:
+        return "wide"
+    return "w8a8" if (w, a) == (8, 8) else "narrow"
+
+
+def spread_compiles(cells: Sequence[Cell]) -> list[Cell]:
+    """``cells`` with one cell of every :func:`compile_group` first (baseline, narrow, wide, w8a8).
+
+    Each sweep worker compiles a graph the first time it meets its group, unless
+    another worker already put it in the shared on-disk compile cache (a cache hit
+    loads in ~15 s, a compile takes 30-100 s). Starting the workers on different
+    groups lets them compile different graphs at the same time instead of the same
+    one twice. Only the order changes: cells keep their ids, and results are
+    written in completion order anyway.
+
+    >>> [c.label.split()[0] for c in spread_compiles(expand_grid({"weight_bits": [4, 8, 16],
+    ...                                                             "activation_bits": [8]}))]
+    ['FP32', 'W4A8', 'W16A8', 'W8A8']
+    """
+    rank = {"float": 0, "narrow": 1, "wide": 2, "w8a8": 3}
+    first: dict[str, Cell] = {}
+    for cell in cells:
+        first.setdefault(compile_group(cell), cell)
+    lead = sorted(first.values(), key=lambda c: rank[compile_group(c)])
+    return lead + [c for c in cells if all(c is not f for f in lead)]
