@@ -73,14 +73,22 @@ def header(command: str) -> str:
     return f"Command: `{command}`  \nDate: {date}  \nMachine: {machine()}; int8 instructions: {int8_instructions()}\n"
 
 
-def update_section(name: str, markdown: str, path: Path = BENCHMARKS_MD) -> None:
-    """Replace (or append) the section ``name`` of BENCHMARKS.md with ``markdown``."""
+def update_section(name: str, markdown: str, path: Path = BENCHMARKS_MD, beside: str | None = None) -> None:
+    """Replace the section ``name`` of BENCHMARKS.md with ``markdown``, or add it.
+
+    A new section goes after the last section whose name starts with ``beside`` (so the
+    per-CPU-kind sections of one benchmark stay together), else at the end.
+    """
     begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
     block = f"{begin}\n{markdown.rstrip()}\n{end}"
     text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    siblings = list(re.finditer(r"<!-- END " + re.escape(beside) + r"[^ ]* -->", text)) if beside else []
     if pattern.search(text):
         text = pattern.sub(lambda _: block, text)
+    elif siblings:
+        at = siblings[-1].end()
+        text = text[:at] + "\n" + block + text[at:]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     tmp = path.with_suffix(".md.tmp")

@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         print(text)
         print("(--quick: BENCHMARKS.md not updated)")
     else:
-        update_section(f"sweep_speed_{machine_key()}", text)
+        update_section(f"sweep_speed_{machine_key()}", text, beside="sweep_speed_")
         print(text)
     return 0
 

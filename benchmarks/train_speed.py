@@ -3,7 +3,8 @@
 Both train the same model on the same images with the same crop+flip
 augmentation; the baseline uses ``torch.utils.data.DataLoader`` with
 per-image transforms in ``Dataset.__getitem__`` (torchvision is not
-required). Writes the ``train_speed`` section of BENCHMARKS.md.
+required). Writes the ``train_speed_<kind>`` section of BENCHMARKS.md (one per CPU kind,
+see ``_common.machine_key``).
 
     python benchmarks/train_speed.py --quick     # seconds, a smoke check (does not write BENCHMARKS.md)
     python benchmarks/train_speed.py             # fashion_mnist, mobilenetv2 width 0.5, 15,360 images each
@@ -26,7 +27,7 @@ from bitsweep.data import DatasetSplits, ImageSet, load_dataset
 from bitsweep.models import create_model
 from bitsweep.training import fit
 
-from benchmarks._common import header, md_table, update_section  # noqa: E402
+from benchmarks._common import header, machine_key, md_table, update_section  # noqa: E402
 
 
 class PerImageDataset(torch.utils.data.Dataset):
@@ -111,10 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     if not args.quick:
         command = "python benchmarks/train_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        text = (f"### Training speed\n\n{header(command.strip())}\n{args.model} width {width}, {name}, batch {batch}, "
+        text = (f"### Training speed ({machine_key()})\n\n{header(command.strip())}\n"
+                f"{args.model} width {width}, {name}, batch {batch}, "
                 f"one pass over {len(data.train)} training images each, CPU. Epoch seconds for bitsweep include "
                 f"the validation pass (5,000 images).\n\n{table}\n")  # fmt: skip
-        update_section("train_speed", text)
+        update_section(f"train_speed_{machine_key()}", text, beside="train_speed_")
     return 0
 
 
