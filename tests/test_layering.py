@@ -19,6 +19,7 @@ LAYERS = [
     "measure",
     "training",
     "sweep",
+    "search",
     "report",
     "cli",
 ]

@@ -1,0 +1,37 @@
+"""Mixed precision under a size budget: per-layer bit plans, exact packed sizes, an exact solver, sensitivity.
+
+See docs/search.md. The layers, in the order data flows: :mod:`layer_bits` (the plan and its YAML file),
+:mod:`cost` (the packed file's exact size), :mod:`sensitivity` (measured per-layer drops),
+:mod:`solver` (the integer program), :mod:`api` (``search``, all of them in one call).
+"""
+
+from bitsweep.search.api import SearchResult, search
+from bitsweep.search.cost import ByteTable, PackedLayout, PackedSize, byte_table, layout_of, packed_size
+from bitsweep.search.layer_bits import LayerBits, LayerNames, layer_names, load_layer_bits, save_layer_bits
+from bitsweep.search.sensitivity import Sensitivity, Trial, measure_sensitivity
+from bitsweep.search.solver import Choice, Group, Option, Problem, min_bytes, min_drop
+
+__all__ = [
+    "ByteTable",
+    "Choice",
+    "Group",
+    "LayerBits",
+    "LayerNames",
+    "Option",
+    "PackedLayout",
+    "PackedSize",
+    "Problem",
+    "SearchResult",
+    "Sensitivity",
+    "Trial",
+    "byte_table",
+    "layer_names",
+    "layout_of",
+    "load_layer_bits",
+    "measure_sensitivity",
+    "min_bytes",
+    "min_drop",
+    "packed_size",
+    "save_layer_bits",
+    "search",
+]
