@@ -28,6 +28,7 @@ from bitsweep.io import write_json_atomic
 from bitsweep.measure.summary import describe_compression
 from bitsweep.quant import LayerOverride, QuantConfig, ptq
 from bitsweep.runtime import choose_device
+from bitsweep.search.layer_bits import layer_names, load_layer_bits
 from bitsweep.training import checkpoint_info, evaluate
 
 
@@ -52,6 +53,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    "(auto: when evaluating >= 5,000 images; same results)")  # fmt: skip
     p.add_argument("--override", action="append", default=[], metavar="PATTERN=W,A",
                    help="per-layer bits by module-name pattern: 'features.0*=8,8' or 'classifier*=skip'")  # fmt: skip
+    p.add_argument("--layer-bits", default=None, metavar="FILE",
+                   help="per-layer bits from a layer-bits YAML file (written by 'bitsweep search'); it replaces "
+                   "--weight-bits/--activation-bits; --granularity, --observer and --method still apply")  # fmt: skip
     p.add_argument("--no-fold-bn", action="store_true", help="keep BatchNorm unfolded")
     p.add_argument("--output", default=None, help="quantized checkpoint path (default: beside the input)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
@@ -83,6 +87,9 @@ def run(args: argparse.Namespace) -> int:
     device = choose_device(args.device)
     loaded = load(args.checkpoint, device, expect="float")  # refuses damaged or NaN/inf weights before any work
     model, info, source = loaded.model, checkpoint_info(loaded.meta), loaded.meta
+    if args.layer_bits is not None:  # names are checked against the model before any calibration
+        config = load_layer_bits(args.layer_bits, layer_names(model, config)).to_quant_config(config)
+    label = "mixed" if args.layer_bits is not None else f"W{args.weight_bits}A{args.activation_bits}"
     splits = load_dataset(dataclasses.replace(info.data, download=False), seed=info.seed)
 
     def loader(split: Any, shuffle: bool = False, batch_size: int = args.eval_batch_size) -> TensorLoader:
@@ -112,16 +119,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"calibrated on {result.calibration_batches} batches of {args.calib_split} images "
           f"(asked for {args.calib_batches}); method {config.method}")  # fmt: skip
     print(f"quantized accuracy from: {simulation} simulation")
-    print(f"{'split':<6} {'fp32 top1':>10} {'W' + str(args.weight_bits) + 'A' + str(args.activation_bits):>10}")
+    print(f"{'split':<6} {'fp32 top1':>10} {label:>10}")
     for name in fp:
         print(f"{name:<6} {fp[name].top1:>9.2f}% {qres[name].top1:>9.2f}%")
     src = Path(args.checkpoint)
     stem = src.stem if src.is_file() else "last"
-    out = (
-        Path(args.output)
-        if args.output
-        else (src.parent if src.is_file() else src) / (f"{stem}-w{args.weight_bits}a{args.activation_bits}.pt")
-    )
+    out = Path(args.output) if args.output else (src.parent if src.is_file() else src) / f"{stem}-{label.lower()}.pt"
     save_quantized(out, quantized_state(qmodel, config, source, summary, loaded.record))
     record = {
         "checkpoint": str(src), "output": str(out), "quant_config": to_dict(config), "summary": summary.to_dict(),

@@ -2,7 +2,8 @@
 
 See docs/search.md. The layers, in the order data flows: :mod:`layer_bits` (the plan and its YAML file),
 :mod:`cost` (the packed file's exact size), :mod:`sensitivity` (measured per-layer drops),
-:mod:`solver` (the integer program), :mod:`api` (``search``, all of them in one call).
+:mod:`solver` (the integer program), :mod:`api` (``search``, all of them in one call),
+:mod:`validate` (``search_validated``: the chosen plan measured integer-exact, re-solved on a miss).
 """
 
 from bitsweep.search.api import SearchResult, search
@@ -10,6 +11,7 @@ from bitsweep.search.cost import ByteTable, PackedLayout, PackedSize, byte_table
 from bitsweep.search.layer_bits import LayerBits, LayerNames, layer_names, load_layer_bits, save_layer_bits
 from bitsweep.search.sensitivity import Sensitivity, Trial, measure_sensitivity
 from bitsweep.search.solver import Choice, Group, Option, Problem, min_bytes, min_drop
+from bitsweep.search.validate import Round, ValidatedPlan, search_validated
 
 __all__ = [
     "ByteTable",
@@ -21,9 +23,11 @@ __all__ = [
     "PackedLayout",
     "PackedSize",
     "Problem",
+    "Round",
     "SearchResult",
     "Sensitivity",
     "Trial",
+    "ValidatedPlan",
     "byte_table",
     "layer_names",
     "layout_of",
@@ -34,4 +38,5 @@ __all__ = [
     "packed_size",
     "save_layer_bits",
     "search",
+    "search_validated",
 ]

@@ -1,0 +1,177 @@
+"""``bitsweep search CHECKPOINT``: per-layer weight bits for the smallest file within a budget, checked integer-exact.
+
+Example::
+
+    bitsweep search runs/fmnist/best.pt --max-drop 1 --weight-bits 2,3,4,5,6,8
+    bitsweep search runs/fmnist/best.pt --max-ratio 10 --output-dir runs/fmnist/search-10x
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from collections import Counter
+from pathlib import Path
+
+from bitsweep.artifacts import load
+from bitsweep.backend.simulate import runner_for
+from bitsweep.cli import common
+from bitsweep.config import to_dict
+from bitsweep.data import load_dataset
+from bitsweep.errors import BitsweepError
+from bitsweep.io import write_json_atomic
+from bitsweep.quant import QuantConfig
+from bitsweep.runtime import choose_device
+from bitsweep.search.layer_bits import save_layer_bits
+from bitsweep.search.validate import ValidatedPlan, load_cached_sensitivity, search_validated
+from bitsweep.sweep.evaluate import file_sha256, normalize
+from bitsweep.training import checkpoint_info
+
+OUTPUTS = ("layer_bits.yaml", "model.safetensors", "sensitivity.json", "search.json")
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``search`` command."""
+    p = common.add_command(
+        subparsers,
+        "search",
+        help="choose per-layer weight bits: the smallest packed file within a size or accuracy budget",
+        description="Measure how much each layer's accuracy suffers at each candidate weight bit width (cached in "
+        "OUTPUT/sensitivity.json), solve exactly for per-layer bits under one budget, quantize the chosen plan and "
+        "check it with the integer-exact evaluation on the validation images. Under --max-drop a plan that misses "
+        "the budget is re-solved with a tighter one (at most --max-rounds solves). Writes layer_bits.yaml (for "
+        "'bitsweep quantize --layer-bits'), model.safetensors (the packed file), sensitivity.json and search.json.\n\n"
+        "example: bitsweep search runs/fm/best.pt --max-drop 1",
+    )
+    p.add_argument("checkpoint", help="a float bitsweep checkpoint (best.pt) or run directory")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--max-mb", type=float, default=None, metavar="MB",
+                        help="packed file at most MB megabytes (10^6 bytes)")  # fmt: skip
+    budget.add_argument("--max-ratio", type=float, default=None, metavar="R",
+                        help="packed file at least R times smaller than the FP32 file")  # fmt: skip
+    budget.add_argument("--max-drop", type=float, default=None, metavar="POINTS",
+                        help="measured validation top-1 at most POINTS below FP32")  # fmt: skip
+    p.add_argument("--weight-bits", type=common.bit_list, default=[2, 3, 4, 5, 6, 8],
+                   help="candidate weight bit widths, 1..16")  # fmt: skip
+    p.add_argument("--activation-bits", type=int, default=8, help="bits of every activation site, 1..16")
+    p.add_argument("--granularity", default="per_channel", help="weight scales: per_channel or per_tensor")
+    p.add_argument("--observer", default="minmax", help="minmax, moving_average, percentile or mse")
+    common.add_method_options(p)
+    p.add_argument("--calib-batches", type=int, default=8, help="calibration batches of training images")
+    p.add_argument("--calib-batch-size", type=int, default=256, help="images per calibration batch")
+    p.add_argument("--val-images", type=int, default=None, metavar="N",
+                   help="use the first N validation images for sensitivity and checks (default: all)")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=40, help="evaluation batch size")
+    p.add_argument("--max-rounds", type=int, default=3, help="solves at most under --max-drop (1: no retry)")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="compile the integer-exact simulation (auto: when evaluating >= 5,000 images)")  # fmt: skip
+    p.add_argument("--output-dir", default=None, help="where the four files go (default: CHECKPOINT's folder/search)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    common.add_threads_option(p)
+    p.set_defaults(func=run)
+
+
+def _check(args: argparse.Namespace) -> None:
+    """Refuse bad numbers in one line before any work."""
+    for name, value in (("--max-mb", args.max_mb), ("--max-ratio", args.max_ratio)):
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise BitsweepError(f"{name} must be a positive number, got {value:g}")
+    if args.max_drop is not None and not (args.max_drop >= 0 and math.isfinite(args.max_drop)):
+        raise BitsweepError(f"--max-drop must be a number of points >= 0, got {args.max_drop:g}")
+    if args.max_mb is not None and args.max_mb * 1e6 < 1:
+        raise BitsweepError(f"--max-mb {args.max_mb:g} is less than one byte; give megabytes (10^6 bytes)")
+    for name in ("calib_batches", "calib_batch_size", "batch_size", "max_rounds"):
+        common.require_positive("--" + name.replace("_", "-"), getattr(args, name))
+    if args.val_images is not None:
+        common.require_positive("--val-images", args.val_images)
+
+
+def compact_bits(result: ValidatedPlan) -> str:
+    """One line per bit width: how many layers, their share of the integer bytes, and names when few."""
+    bits = {name: result.plan.weight_bits_of(name) for name in result.plan.weights}
+    counts = Counter(bits.values())
+    lines = []
+    for b in sorted(counts, reverse=True):
+        names = [n for n, v in bits.items() if v == b]
+        shown = ", ".join(names) if len(names) <= 4 else ", ".join(names[:3]) + f", ... ({len(names) - 3} more)"
+        lines.append(f"  {b:>2} bits: {counts[b]:>3} layer(s): {shown}")
+    return "\n".join(lines)
+
+
+def summary(result: ValidatedPlan) -> str:
+    """The printed summary: bits, sizes (predicted equals real), ratio, accuracies, rounds, notes."""
+    lines = ["chosen weight bits per layer (all names in layer_bits.yaml):", compact_bits(result)]
+    same = "equal" if result.predicted_bytes == result.file_bytes else "DIFFERENT (a bug: please report it)"
+    lines.append(f"packed file: {result.file_bytes:,} bytes (predicted {result.predicted_bytes:,}: {same}); "
+                 f"FP32 {result.fp32_bytes:,} bytes; {result.ratio:.2f}x smaller")  # fmt: skip
+    budget = (f"max {result.max_bytes:,} bytes" if result.max_drop is None
+              else f"max drop {result.max_drop:g} points")  # fmt: skip
+    met = "met" if result.met else "NOT MET"
+    lines.append(f"validation top-1 {result.val_top1:.2f} % (FP32 {result.fp32_val_top1:.2f} %, drop "
+                 f"{result.val_drop:.2f}; {budget}: {met}; {result.simulation})")  # fmt: skip
+    if result.test_top1 is not None and result.fp32_test_top1 is not None:
+        drop = result.fp32_test_top1 - result.test_top1
+        lines.append(f"test top-1 {result.test_top1:.2f} % (FP32 {result.fp32_test_top1:.2f} %, drop {drop:.2f}; "
+                     "reported only, never used to choose)")  # fmt: skip
+    lines.append(f"rounds: {len(result.rounds)} (predicted summed drop of the final plan "
+                 f"{result.rounds[-1].predicted_drop:.2f})")  # fmt: skip
+    lines.extend(f"note: {n}" for n in result.notes)
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Check inputs, load the checkpoint and data, search and validate, write the four files, print a summary."""
+    _check(args)
+    try:
+        base = QuantConfig.from_bits(8, args.activation_bits, args.granularity, args.observer, method=args.method)
+    except ValueError as e:
+        raise BitsweepError(str(e)) from None
+    options = common.method_options(args)
+    src = Path(args.checkpoint)
+    out_dir = Path(args.output_dir) if args.output_dir else (src.parent if src.is_file() else src) / "search"
+    common.check_writable(out_dir, "--output-dir")  # before minutes of work, not after
+    device = choose_device(args.device)
+    loaded = load(args.checkpoint, device, expect="float")
+    info = checkpoint_info(loaded.meta)
+    data = dataclasses.replace(info.data, download=False)
+    splits = load_dataset(data, seed=info.seed)
+    val_set = splits.val if args.val_images is None else splits.val.subset(slice(0, args.val_images))
+    if len(val_set.labels) == 0:
+        raise BitsweepError("the validation split is empty; the search needs validation images to measure on")
+    val = (normalize(val_set.images, info.mean, info.std, device), val_set.labels.to(device))
+    test = (normalize(splits.test.images, info.mean, info.std, device), splits.test.labels.to(device))
+    n = args.calib_batches * args.calib_batch_size
+    calib = normalize(splits.train.images[:n], info.mean, info.std, device)
+    if calib.shape[0] == 0:
+        raise BitsweepError("the training split is empty, so there is nothing to calibrate on")
+    batches = [calib[i : i + args.calib_batch_size] for i in range(0, calib.shape[0], args.calib_batch_size)]
+    bits = sorted(args.weight_bits)
+    key = {
+        "checkpoint_sha256": file_sha256(loaded.path), "weight_bits": bits, "val_images": len(val_set.labels),
+        "data": dataclasses.asdict(data), "seed": info.seed, "weight": to_dict(base.weight),
+        "weight_observer": base.weight_observer, "fold_bn": base.fold_bn,
+    }  # fmt: skip
+    cache = (out_dir / "sensitivity.json", key)
+    cached = load_cached_sensitivity(*cache)
+    images = len(val_set.labels) * args.max_rounds + len(splits.test.labels)
+    result = search_validated(
+        loaded.model, batches, val, test if len(splits.test.labels) else None, record=loaded.record,
+        max_bytes=None if args.max_mb is None else math.floor(args.max_mb * 1e6), max_ratio=args.max_ratio,
+        max_drop=args.max_drop, weight_bits=bits, activation_bits=args.activation_bits, base=base,
+        extra=loaded.source_meta(), sensitivity=cached, sensitivity_cache=cache, method_options=options,
+        max_rounds=args.max_rounds, batch_size=args.batch_size,
+        runner=runner_for(args.compile, images, args.batch_size), packed_path=out_dir / "model.safetensors",
+        progress=not args.quiet,
+    )  # fmt: skip
+    save_layer_bits(result.plan, out_dir / "layer_bits.yaml")
+    record = {"checkpoint": str(loaded.path), "weight_bits": bits, "activation_bits": args.activation_bits,
+              "max_ratio": args.max_ratio, "val_images": len(val_set.labels), "test_images": len(splits.test.labels),
+              **result.to_dict()}  # fmt: skip
+    write_json_atomic(out_dir / "search.json", record)
+    how = "reused the cache" if cached is not None else f"measured {len(result.sensitivity.trials)} trials"
+    print(f"sensitivity: {how} ({result.sensitivity.images} validation images, {cache[0]})")
+    print(summary(result))
+    print(f"wrote {', '.join(OUTPUTS)} in {out_dir}")
+    return 0
