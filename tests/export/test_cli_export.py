@@ -89,3 +89,18 @@ def test_describe_compression_for_quantize(qcheckpoint: tuple[Path, nn.Module]) 
     text = describe_compression(model, QuantConfig.from_bits(4, 8), state["source"])
     assert "model compression" in text and "activation compression" in text and "MB" in text
     assert "unavailable" in describe_compression(model, QuantConfig.from_bits(4, 8), {})
+
+
+def test_export_onnx_int8_is_qop_with_check_and_latency(
+    qcheckpoint: tuple[Path, nn.Module], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path, _ = qcheckpoint
+    out = tmp_path / "m.int8.onnx"
+    assert main(["export", str(path), "--format", "onnx", "--int8", "--output", str(out), "--batch-size", "32",
+                 "--check-batches", "1", "--latency-runs", "2"]) == 0  # fmt: skip
+    text = capsys.readouterr().out
+    assert "QOperator int8" in text and "vs integer-exact simulation" in text and "intra-op threads" in text
+    record = json.loads((tmp_path / "m.int8.onnx.json").read_text())["onnx_qop"]
+    assert {(r["model"], r["batch"]) for r in record["latency"]} == {("FP32", 1), ("int8", 1), ("FP32", 64),
+                                                                     ("int8", 64)}  # fmt: skip
+    assert record["settings"]["graph_optimization"] == "ORT_ENABLE_ALL" and record["check"]["top1_agreement"] >= 90

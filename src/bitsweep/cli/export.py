@@ -1,9 +1,10 @@
-"""``bitsweep export``: write the packed model file or an ONNX QDQ file, and prove it computes the same.
+"""``bitsweep export``: write the packed model file or an ONNX file (QOperator int8 or QDQ), and check it.
 
 Examples::
 
     bitsweep export runs/fmnist/best-w4a8.pt --format packed
-    bitsweep export runs/fmnist/best-w8a8.pt --format onnx --int8 --output w8a8.onnx
+    bitsweep export runs/fmnist/best-w8a8.pt --format onnx --int8 --output w8a8.onnx     # QOperator int8
+    bitsweep export runs/fmnist/best-w8a8.pt --format onnx --int8 --onnx-style qdq       # QDQ with int32 biases
     bitsweep export runs/fmnist/best.pt --weight-bits 4 --activation-bits 8 --format packed
 """
 
@@ -27,6 +28,8 @@ from bitsweep.config import DataConfig, from_dict
 from bitsweep.data import TensorLoader, load_dataset
 from bitsweep.errors import BitsweepError
 from bitsweep.export.onnx import check_onnx, export_onnx
+from bitsweep.export.onnx_check import qop_report
+from bitsweep.export.onnx_qop import DENSE_WEIGHTS, export_onnx_qop
 from bitsweep.io import write_json_atomic
 from bitsweep.measure.summary import compression_summary
 from bitsweep.quant import QuantConfig, ptq
@@ -35,15 +38,24 @@ from bitsweep.quant import QuantConfig, ptq
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``export`` command."""
     p = common.add_command(
-        subparsers, "export", "write a quantized model as a bit-packed file or ONNX QDQ, verified", description=__doc__
+        subparsers, "export", "write a quantized model as a bit-packed or ONNX file, verified", description=__doc__
     )
     p.add_argument(
         "checkpoint", help="a quantized checkpoint from 'bitsweep quantize' (or a float one with --weight-bits)"
     )
     p.add_argument("--format", choices=("packed", "onnx"), default="packed", help="output format")
+    p.add_argument("--int8", action="store_true", help="ONNX: integer operators end to end in onnxruntime (<=8 bits)")
     p.add_argument(
-        "--int8", action="store_true", help="ONNX: int32 biases so onnxruntime runs integer kernels (<=8 bits)"
-    )
+        "--onnx-style", choices=("qop", "qdq"), default=None,
+        help="ONNX graph: qop = QOperator int8 from the integer program (implies --int8), qdq = "
+        "QuantizeLinear/DequantizeLinear pairs; unset: qop with --int8, else qdq",
+    )  # fmt: skip
+    p.add_argument(
+        "--qop-dense-weights", choices=DENSE_WEIGHTS, default="uint8",
+        help="qop: container of dense-layer weights; uint8 is exact on every CPU, int8 is faster on VNNI/AMX CPUs "
+        "but onnxruntime's AVX2 kernels saturate with it",
+    )  # fmt: skip
+    p.add_argument("--latency-runs", type=int, default=20, help="qop: timed runs per latency figure (median)")
     p.add_argument("--output", default=None, help="output path (default: beside the checkpoint, .safetensors/.onnx)")
     p.add_argument("--weight-bits", type=int, default=None, help="quantize a float checkpoint to these weight bits")
     p.add_argument("--activation-bits", type=int, default=None, help="... and these activation bits")
@@ -112,7 +124,9 @@ def run(args: argparse.Namespace) -> int:
     extra = loaded.meta if loaded.kind == "packed" else loaded.source_meta()
     meta = PackedMeta(loaded.record, config, extra)
     src = Path(args.checkpoint)
-    suffix = ".safetensors" if args.format == "packed" else (".int8.onnx" if args.int8 else ".onnx")
+    style = args.onnx_style or ("qop" if args.int8 else "qdq")
+    int8 = args.int8 or style == "qop"
+    suffix = ".safetensors" if args.format == "packed" else (".int8.onnx" if int8 else ".onnx")
     out = Path(args.output) if args.output else src.with_name(src.stem + suffix)
     if out.resolve() == src.resolve():
         raise BitsweepError(f"--output {out} would overwrite the checkpoint; choose another path")
@@ -151,6 +165,16 @@ def run(args: argparse.Namespace) -> int:
         except BitsweepError as e:
             print(f"integer reference skipped: {e}")
         summary = compression_summary(model, meta, out)
+    elif style == "qop":
+        common.require_positive("--latency-runs", args.latency_runs)
+        arch = meta.record
+        props = {"mean": json.dumps(list(arch.mean)), "std": json.dumps(list(arch.std)), "source": str(src)}
+        export_onnx_qop(model, out, arch.input_shape, dense_weights=args.qop_dense_weights, metadata=props)
+        report = qop_report(out, model, arch.input_shape, batches, max_batches=args.check_batches,
+                            runs=args.latency_runs)  # fmt: skip
+        print(f"wrote {out}: {out.stat().st_size:,} bytes (QOperator int8)\n{report.describe(what)}")
+        record["onnx_qop"] = report.to_dict()
+        summary = compression_summary(model, meta)
     else:
         export_onnx(model, out, meta.record.input_shape, int8=args.int8)
         check = check_onnx(out, model, batches, args.check_batches)

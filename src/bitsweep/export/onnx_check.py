@@ -1,0 +1,246 @@
+"""Checking an int8 ONNX export on the spot: agreement with the integer-exact simulation, latency against FP32.
+
+A user who quantizes to deploy needs two answers before shipping the file:
+does it predict what bitsweep measured (the integer-exact simulation, the
+source of every accuracy bitsweep reports), and is it faster than the float
+model it replaces. :func:`check_qop` answers the first, :func:`compare_latency`
+the second with fixed, recorded onnxruntime settings (:class:`OrtSettings`).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from bitsweep.backend.intref import image_batches
+from bitsweep.backend.simulate import simulate
+from bitsweep.errors import BitsweepError
+from bitsweep.export.onnx import OnnxCheck, export_onnx
+from bitsweep.quant.inspect import is_activation_quantizer, is_weight_layer
+from bitsweep.quant.modules import QuantOutput
+
+
+def _ort() -> Any:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise BitsweepError("checking ONNX files needs onnxruntime: pip install 'bitsweep[onnx]'") from None
+    return ort
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class OrtSettings:
+    """onnxruntime session settings chosen for speed; recorded beside every latency figure."""
+
+    graph_optimization: str = "ORT_ENABLE_ALL"  # fuses and picks integer/NCHWc kernels
+    intra_op_threads: int = 0  # 0: available_cores() when the session is made
+    inter_op_threads: int = 1  # one chain of operators: parallel execution brings nothing here
+    execution_mode: str = "ORT_SEQUENTIAL"
+
+    def resolved(self) -> OrtSettings:
+        """The same settings with the thread count filled in."""
+        threads = self.intra_op_threads or available_cores()
+        return OrtSettings(self.graph_optimization, threads, self.inter_op_threads, self.execution_mode)
+
+    def session(self, path: str | Path) -> Any:
+        """An onnxruntime CPU ``InferenceSession`` of ``path`` with these settings."""
+        ort = _ort()
+        s = self.resolved()
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, s.graph_optimization)
+        opts.intra_op_num_threads = s.intra_op_threads
+        opts.inter_op_num_threads = s.inter_op_threads
+        opts.execution_mode = getattr(ort.ExecutionMode, s.execution_mode)
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict (threads resolved)."""
+        return {**asdict(self.resolved()), "onnxruntime": _ort().__version__}
+
+
+def compare_logits(
+    path: str | Path, reference: Callable[[torch.Tensor], torch.Tensor], batches: Any, max_batches: int | None = None
+) -> OnnxCheck:
+    """Run ``path`` in onnxruntime and ``reference`` on the same images; compare predictions and logits."""
+    sess = OrtSettings().session(path)
+    n = agree = ref_ok = onnx_ok = 0
+    labelled, max_diff = True, 0.0
+    with torch.no_grad():
+        for x, y in image_batches(batches, max_batches):
+            want = reference(x).float()
+            got = torch.from_numpy(sess.run(["logits"], {"input": x.numpy()})[0])
+            max_diff = max(max_diff, float((want - got).abs().max()))
+            agree += int((want.argmax(1) == got.argmax(1)).sum())
+            if y is None:
+                labelled = False
+            else:
+                ref_ok += int((want.argmax(1) == y.cpu()).sum())
+                onnx_ok += int((got.argmax(1) == y.cpu()).sum())
+            n += x.shape[0]
+    if n == 0:
+        raise BitsweepError("no images to check; give at least one batch")
+    return OnnxCheck(n, 100.0 * agree / n, max_diff, 100.0 * ref_ok / n if labelled else None,
+                     100.0 * onnx_ok / n if labelled else None)  # fmt: skip
+
+
+def check_qop(path: str | Path, model: nn.Module, batches: Any, max_batches: int | None = None) -> OnnxCheck:
+    """The exported file against the integer-exact simulation (``simulated_top1`` is the simulation's accuracy)."""
+    batches = list(image_batches(batches, max_batches))
+    if not batches:
+        raise BitsweepError("no images to check; give at least one batch")
+    sim = simulate(model, batches[0][0][:1])
+    return compare_logits(path, sim, batches)
+
+
+def float_twin(model: nn.Module) -> nn.Module:
+    """A float copy of a converted model: quantized layers back to float, quantizers removed.
+
+    Its ONNX export (:func:`bitsweep.export.onnx.export_onnx`) is the FP32
+    graph of the same (BatchNorm-folded) network, the baseline the int8 file
+    is timed against when the original float checkpoint is not at hand.
+    """
+    twin = copy.deepcopy(model).cpu().eval()
+    replaced: list[str] = []
+    for name, m in list(twin.named_modules()):
+        if not name or any(name.startswith(r + ".") for r in replaced):  # inside a module already swapped out
+            continue
+        if is_weight_layer(m):
+            new: nn.Module = m.to_float()
+        elif is_activation_quantizer(m):
+            new = nn.Identity()
+        elif isinstance(m, QuantOutput):
+            new = m.to_float()
+        else:
+            continue
+        replaced.append(name)
+        parent_name, _, attr = name.rpartition(".")
+        setattr(twin.get_submodule(parent_name) if parent_name else twin, attr, new)
+    return twin
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Median onnxruntime latency of one file at one batch size."""
+
+    model: str
+    batch: int
+    median_ms: float
+    runs: int
+
+    @property
+    def images_per_s(self) -> float:
+        """Throughput at this batch size."""
+        return 1000.0 * self.batch / self.median_ms
+
+
+def median_latency_ms(sess: Any, x: np.ndarray, runs: int, warmup: int = 3) -> float:
+    """Median wall time of ``runs`` calls of ``sess`` on ``x`` after ``warmup`` untimed calls."""
+    feed = {"input": x}
+    for _ in range(warmup):
+        sess.run(["logits"], feed)
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        sess.run(["logits"], feed)
+        times.append(time.perf_counter() - t)
+    return 1000.0 * statistics.median(times)
+
+
+def compare_latency(
+    paths: dict[str, Path], input_shape: tuple[int, int, int], *, batch_sizes: tuple[int, ...] = (1, 64),
+    runs: int = 20, settings: OrtSettings | None = None,
+) -> list[Latency]:  # fmt: skip
+    """Median latency of every file at every batch size, sessions made with the same ``settings``.
+
+    Files are timed in turn at each batch size (not one file then the other),
+    so a load change on a shared machine hits both about equally.
+    """
+    settings = settings or OrtSettings()
+    sessions = {name: settings.session(p) for name, p in paths.items()}
+    rng = np.random.default_rng(0)
+    out = []
+    for batch in batch_sizes:
+        x = rng.standard_normal((batch, *input_shape)).astype(np.float32)
+        for name, sess in sessions.items():
+            out.append(Latency(name, batch, median_latency_ms(sess, x, runs), runs))
+    return out
+
+
+def describe_latency(rows: list[Latency], baseline: str, settings: OrtSettings) -> str:
+    """Lines ``name  batch B: X ms (Y img/s, Z x baseline)`` and the settings they were measured with."""
+    base = {r.batch: r.median_ms for r in rows if r.model == baseline}
+    lines = []
+    for r in rows:
+        speed = f", {base[r.batch] / r.median_ms:.2f}x {baseline}" if r.batch in base else ""
+        lines.append(f"  {r.model:>6} batch {r.batch:>3}: {r.median_ms:8.3f} ms ({r.images_per_s:,.0f} img/s{speed})")
+    s = settings.resolved()
+    lines.append(
+        f"  (median of {rows[0].runs if rows else 0} runs; onnxruntime {_ort().__version__}, {s.graph_optimization}, "
+        f"{s.intra_op_threads} intra-op threads, {s.execution_mode.lower()})"
+    )
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class QopReport:
+    """What ``bitsweep export --format onnx --int8`` reports: agreement with the simulation and both latencies."""
+
+    check: OnnxCheck  # the int8 file vs the integer-exact simulation
+    latency: list[Latency]  # FP32 and int8 files, each batch size
+    settings: OrtSettings  # resolved
+
+    def describe(self, what: str = "images") -> str:
+        """Human-readable lines for the console."""
+        c = self.check
+        acc = ""
+        if c.simulated_top1 is not None:
+            acc = f"; top-1 integer-exact simulation {c.simulated_top1:.2f}% vs onnxruntime {c.onnx_top1:.2f}%"
+        head = (
+            f"onnxruntime (int8 QOperator) vs integer-exact simulation on {c.images} {what}: top-1 agreement "
+            f"{c.top1_agreement:.2f}%, max logit difference {c.max_logit_diff:.3g}{acc}"
+        )
+        times = describe_latency(self.latency, "FP32", self.settings)
+        return f"{head}\nlatency, FP32 vs int8 ONNX on this CPU:\n{times}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict."""
+        rows = [{**asdict(r), "images_per_s": r.images_per_s} for r in self.latency]
+        return {"check": self.check.to_dict(), "latency": rows, "settings": self.settings.to_dict()}
+
+
+def qop_report(
+    path: str | Path, model: nn.Module, input_shape: tuple[int, int, int], batches: Any, *,
+    max_batches: int | None = None, runs: int = 20, batch_sizes: tuple[int, ...] = (1, 64),
+    settings: OrtSettings | None = None,
+) -> QopReport:  # fmt: skip
+    """Check an exported QOperator file against the simulation and time it against the model's FP32 twin.
+
+    The FP32 file (:func:`float_twin`, exported as plain ONNX) is written to a
+    temporary folder and removed afterwards.
+    """
+    settings = (settings or OrtSettings()).resolved()
+    check = check_qop(path, model, batches, max_batches)
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = export_onnx(float_twin(model), Path(tmp) / "fp32.onnx", input_shape)
+        paths = {"FP32": fp32, "int8": Path(path)}
+        rows = compare_latency(paths, input_shape, batch_sizes=batch_sizes, runs=runs, settings=settings)
+    return QopReport(check, rows, settings)
