@@ -8,42 +8,15 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from bitsweep.artifacts import load
 from bitsweep.cli import main
-from bitsweep.config import DataConfig, ModelConfig, RunConfig, to_dict
-from bitsweep.data import load_dataset
-from bitsweep.models import create_model
 from bitsweep.search import layer_names, load_layer_bits
-from bitsweep.training import save_checkpoint
 
 FAST = ["--weight-bits", "2,8", "--val-images", "40", "--calib-batches", "1", "--calib-batch-size", "64",
         "--compile", "off", "--device", "cpu", "--quiet"]  # fmt: skip
 FILES = {"layer_bits.yaml", "model.safetensors", "sensitivity.json", "search.json"}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids waiting on a busy second core."""
-    from bitsweep.runtime import torch_threads
-
-    with torch_threads(1):
-        yield
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An untrained width-0.25 MobileNet-v2 on the synthetic data (3x16x16; 500/100/200 images)."""
-    config = RunConfig(data=DataConfig(name="synthetic"), model=ModelConfig(width=0.25))
-    splits = load_dataset(config.data)
-    torch.manual_seed(0)
-    model = create_model("mobilenetv2", splits.num_classes, splits.in_channels, width=0.25).eval()
-    path = tmp_path_factory.mktemp("ckpt") / "best.pt"
-    save_checkpoint(path, {"config": to_dict(config), "dataset": splits.meta(), "model_state": model.state_dict(),
-                           "epoch": 1, "metrics": {}})  # fmt: skip
-    return path
 
 
 def _one_line_error(argv: list[str], capsys: pytest.CaptureFixture[str], message: str) -> str:

@@ -35,6 +35,7 @@ from torch import fx, nn
 
 from bitsweep.backend.intref import image_batches
 from bitsweep.errors import BitsweepError
+from bitsweep.export.onnx_graph import GraphBuilder
 from bitsweep.io import atomic_path
 from bitsweep.quant.graph import NodeInfo, Op, classify, trace
 from bitsweep.quant.inspect import is_weight_layer
@@ -44,14 +45,6 @@ from bitsweep.quant.walk import walk
 OPSET = 21  # int16 QuantizeLinear/DequantizeLinear need opset 21
 
 
-def _onnx() -> Any:
-    try:
-        import onnx
-    except ImportError:
-        raise BitsweepError("ONNX export needs the onnx package: pip install 'bitsweep[onnx]'") from None
-    return onnx
-
-
 def _container(bits: int, signed: bool) -> tuple[Any, int]:
     """numpy dtype and width of the smallest ONNX integer type holding ``bits``."""
     if bits <= 8:
@@ -59,33 +52,17 @@ def _container(bits: int, signed: bool) -> tuple[Any, int]:
     return (np.int16 if signed else np.uint16), 16
 
 
-class _Builder:
-    """Accumulates nodes and initializers with unique names; the walk's emitter for ONNX."""
-
-    purpose = "ONNX export"
+class _Builder(GraphBuilder):
+    """The walk's emitter for QDQ ONNX (names, initializers and nodes from :class:`GraphBuilder`)."""
 
     def __init__(self, int8: bool) -> None:
-        self.onnx = _onnx()
-        self.nodes: list[Any] = []
-        self.inits: list[Any] = []
+        super().__init__()
         self.int8 = int8
-        self.count = 0
         self.grid: dict[str, float] = {}  # tensor name -> activation scale, for int8 biases
         self.result: str | None = None
 
-    def name(self, base: str) -> str:
-        self.count += 1
-        return f"{base.replace('.', '_')}_{self.count}"
-
-    def const(self, base: str, array: np.ndarray) -> str:
-        n = self.name(base)
-        self.inits.append(self.onnx.numpy_helper.from_array(np.ascontiguousarray(array), n))
-        return n
-
-    def op(self, op_type: str, inputs: list[str], base: str, **attrs: Any) -> str:
-        out = self.name(base)
-        self.nodes.append(self.onnx.helper.make_node(op_type, inputs, [out], name=out + "_op", **attrs))
-        return out
+    def const(self, base: str, array: Any) -> str:
+        return super().const(base, np.ascontiguousarray(array))  # QDQ scales and zero points as 1-d
 
     def qdq(self, x: str, quantizer: ActivationQuantizer, base: str) -> str:
         """QuantizeLinear -> (Clip) -> DequantizeLinear with the quantizer's frozen qparams."""
@@ -188,34 +165,10 @@ class _Builder:
     def passthrough(self, x: str, ops: tuple[Op, ...], base: str) -> str:
         out = x
         for op in ops:
-            out = self._passthrough_op(out, op, base)
+            out = self.value_op(out, op, base)
         if x in self.grid:
             self.grid[out] = self.grid[x]
         return out
-
-    def _passthrough_op(self, x: str, op: Op, base: str) -> str:
-        kind, args = op[0], op[1:]
-        if kind == "method":
-            name, margs = op[1], tuple(op[2])
-            if name in ("contiguous", "clone"):
-                return x
-            if name == "flatten":
-                kind, args = "flatten", (margs + (0, -1)[len(margs) :])[:2]
-            elif name in ("view", "reshape"):
-                shape = margs[0] if len(margs) == 1 and isinstance(margs[0], (tuple, list)) else margs
-                return self.op("Reshape", [x, self.const(base + "_shape", np.array(shape, np.int64))], base)
-        if kind == "flatten" and args[1] == -1:
-            return self.op("Flatten", [x], base, axis=int(args[0]))
-        if kind == "maxpool":
-            k, s, p, d = ((v, v) if isinstance(v, int) else tuple(v) for v in args[:4])
-            ceil = args[4]
-            extra: dict[str, Any] = {}
-            if tuple(d) != (1, 1):
-                extra["dilations"] = list(d)
-            if ceil:
-                extra["ceil_mode"] = 1
-            return self.op("MaxPool", [x], base, kernel_shape=list(k), strides=list(s), pads=[*p, *p], **extra)
-        raise BitsweepError(f"ONNX export does not support {op} ('{base}')")
 
     def output(self, x: str) -> None:
         self.result = x

@@ -58,6 +58,7 @@ from torch import nn
 
 from bitsweep.backend import lowering as lw
 from bitsweep.errors import BitsweepError
+from bitsweep.export.onnx_graph import GraphBuilder, import_onnx
 from bitsweep.io import atomic_path
 from bitsweep.quant.inspect import activation_quantizers, weight_layers
 
@@ -97,14 +98,6 @@ class _PendingPool:
 _Value = _Ints | _PendingAcc | _PendingPool
 
 
-def _onnx() -> Any:
-    try:
-        import onnx
-    except ImportError:
-        raise BitsweepError("ONNX export needs the onnx package: pip install 'bitsweep[onnx]'") from None
-    return onnx
-
-
 def check_widths(model: nn.Module) -> None:
     """Refuse, in one line, a model with an operand wider than 8 bits (or binary), before any work."""
     for name, layer in weight_layers(model):
@@ -142,37 +135,21 @@ def pool_scale(target: np.float32, window: int) -> np.float32:
     return min(candidates, key=lambda c: abs(float(np.float32(c / w)) - float(target)))
 
 
-class _QopBuilder:
-    """Turns program steps into QOperator nodes; keeps names unique and tracks each value's container."""
+class _QopBuilder(GraphBuilder):
+    """Turns program steps into QOperator nodes and tracks each value's container (plumbing: :class:`GraphBuilder`)."""
+
+    purpose = "QOperator ONNX export"
 
     def __init__(self, dense_weights: str, pool_window: int) -> None:
         if dense_weights not in DENSE_WEIGHTS:
             raise BitsweepError(f"dense_weights must be one of {', '.join(DENSE_WEIGHTS)}, not {dense_weights!r}")
         self.dense_weights = dense_weights
         self.hw = pool_window  # H * W entering global pooling: the program keeps only the pool's multiplier
-        self.onnx = _onnx()
-        self.nodes: list[Any] = []
-        self.inits: list[Any] = []
+        super().__init__()
         self.values: dict[str, _Value] = {}
-        self.count = 0
         self.classes: int | None = None
 
-    # --- graph plumbing ---
-
-    def name(self, base: str) -> str:
-        self.count += 1
-        return f"{base.replace('.', '_').replace('#', '_')}_{self.count}"
-
-    def const(self, base: str, array: Any) -> str:
-        n = self.name(base)
-        self.inits.append(self.onnx.numpy_helper.from_array(np.array(array, order="C"), n))  # 0-d stays 0-d
-        return n
-
-    def op(self, op_type: str, inputs: list[str], base: str, domain: str = "", **attrs: Any) -> str:
-        out = self.name(base)
-        node = self.onnx.helper.make_node(op_type, inputs, [out], name=out + "_op", domain=domain or None, **attrs)
-        self.nodes.append(node)
-        return out
+    # --- graph plumbing beyond GraphBuilder's ---
 
     def scalar_f(self, value: float, base: str = "scale") -> str:
         return self.const(base, np.array(value, np.float32))
@@ -245,7 +222,7 @@ class _QopBuilder:
             out, after = self.op("QuantizeLinear", [dq, self.scalar_f(1.0), y_zp], "rescale_q"), ()
         res = self.ints(out, s.lo, s.hi)
         for op in after:
-            res = _Ints(self._passthrough(res.name, op, s.dst), res.zp, res.lo, res.hi)
+            res = _Ints(self.value_op(res.name, op, s.dst), res.zp, res.lo, res.hi)
         self.values[s.dst] = res
 
     def _qlinear_layer(self, v: _PendingAcc, m: np.ndarray, y_zp: str) -> str:
@@ -317,27 +294,7 @@ class _QopBuilder:
                 raise BitsweepError("QOperator ONNX export: max pooling of an accumulator is not supported")
             self.values[s.dst] = type(v)(v.step, v.x, (*v.after, s.op))  # type: ignore[arg-type]
         else:
-            self.values[s.dst] = _Ints(self._passthrough(v.name, s.op, s.dst), v.zp, v.lo, v.hi)
-
-    def _passthrough(self, x: str, op: tuple[Any, ...], base: str) -> str:
-        """A value-preserving op on a uint8 tensor (flatten, view/reshape, max pooling)."""
-        kind, args = op[0], op[1:]
-        if kind == "method":
-            name, margs = op[1], tuple(op[2])
-            if name in ("contiguous", "clone"):
-                return x
-            if name == "flatten":
-                kind, args = "flatten", (margs + (0, -1)[len(margs) :])[:2]
-            elif name in ("view", "reshape"):
-                shape = margs[0] if len(margs) == 1 and isinstance(margs[0], (tuple, list)) else margs
-                return self.op("Reshape", [x, self.const("shape", np.array(shape, np.int64))], base)
-        if kind == "flatten" and args[1] == -1:
-            return self.op("Flatten", [x], base, axis=int(args[0]))
-        if kind == "maxpool":
-            k, st, p, d = ([v, v] if isinstance(v, int) else list(v) for v in args[:4])
-            return self.op("MaxPool", [x], base, kernel_shape=k, strides=st, pads=[*p, *p], dilations=d,
-                           ceil_mode=int(bool(args[4])))  # fmt: skip
-        raise BitsweepError(f"QOperator ONNX export does not support {op} ('{base}')")
+            self.values[s.dst] = _Ints(self.value_op(v.name, s.op, s.dst), v.zp, v.lo, v.hi)
 
     def output(self, s: lw.Output) -> str:
         v = self.value(s.src)
@@ -357,7 +314,7 @@ class _QopBuilder:
         else:
             raise BitsweepError("QOperator ONNX export: the logits come straight from a pooling sum")
         for op in after:
-            logits = self._passthrough(logits, op, "logits")
+            logits = self.value_op(logits, op, "logits")
         if not (math.isinf(s.lo) and math.isinf(s.hi)):  # a clamp on the logits themselves (rare)
             lo, hi = self.scalar_f(max(s.lo, -3.0e38)), self.scalar_f(min(s.hi, 3.0e38))
             logits = self.op("Clip", [logits, lo, hi], "logits_clip")
@@ -466,7 +423,7 @@ def export_onnx_qop(
     example = torch.zeros(1, *input_shape)
     program = lw.lower(model, example)
     proto = build_qop(program, input_shape, _global_pool_window(program, example), dense_weights=dense_weights)
-    onnx = _onnx()
+    onnx = import_onnx()
     onnx.helper.set_model_props(proto, dict(metadata or {}))
     onnx.checker.check_model(proto)
     with atomic_path(path) as tmp:
