@@ -25,6 +25,7 @@ differently on rare exact ties; :func:`check_onnx` measures the effect.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -244,12 +245,18 @@ class OnnxCheck:
         return asdict(self)
 
 
-def ort_session(path: str | Path, threads: int | None = None) -> Any:
-    """An onnxruntime CPU session with all graph optimizations (integer kernel fusion included)."""
+def import_ort() -> Any:
+    """The ``onnxruntime`` module, or one clear error saying how to install it (an optional dependency)."""
     try:
         import onnxruntime as ort
     except ImportError:
         raise BitsweepError("checking ONNX files needs onnxruntime: pip install 'bitsweep[onnx]'") from None
+    return ort
+
+
+def ort_session(path: str | Path, threads: int | None = None) -> Any:
+    """An onnxruntime CPU session with all graph optimizations (integer kernel fusion included)."""
+    ort = import_ort()
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads is not None:
@@ -257,25 +264,31 @@ def ort_session(path: str | Path, threads: int | None = None) -> Any:
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-@torch.no_grad()
 def check_onnx(path: str | Path, model: nn.Module, batches: Any, max_batches: int | None = None) -> OnnxCheck:
     """Run the ONNX file in onnxruntime and the simulation on the same images; compare predictions and logits."""
-    sess = ort_session(path)
     model.eval()
-    n = agree = sim_ok = onnx_ok = 0
+    return compare_session(ort_session(path), model, batches, max_batches)
+
+
+@torch.no_grad()
+def compare_session(
+    sess: Any, reference: Callable[[torch.Tensor], torch.Tensor], batches: Any, max_batches: int | None = None
+) -> OnnxCheck:
+    """Run onnxruntime session ``sess`` and ``reference`` on the same images; compare predictions and logits."""
+    n = agree = ref_ok = onnx_ok = 0
     labelled, max_diff = True, 0.0
     for x, y in image_batches(batches, max_batches):
-        sim = model(x).float()
+        want = reference(x).float()
         got = torch.from_numpy(sess.run(["logits"], {"input": x.numpy()})[0])
-        max_diff = max(max_diff, float((sim - got).abs().max()))
-        agree += int((sim.argmax(1) == got.argmax(1)).sum())
+        max_diff = max(max_diff, float((want - got).abs().max()))
+        agree += int((want.argmax(1) == got.argmax(1)).sum())
         if y is None:
             labelled = False
         else:
-            sim_ok += int((sim.argmax(1) == y.cpu()).sum())
+            ref_ok += int((want.argmax(1) == y.cpu()).sum())
             onnx_ok += int((got.argmax(1) == y.cpu()).sum())
         n += x.shape[0]
     if n == 0:
         raise BitsweepError("no images to check; give at least one batch")
-    return OnnxCheck(n, 100.0 * agree / n, max_diff, 100.0 * sim_ok / n if labelled else None,
+    return OnnxCheck(n, 100.0 * agree / n, max_diff, 100.0 * ref_ok / n if labelled else None,
                      100.0 * onnx_ok / n if labelled else None)  # fmt: skip

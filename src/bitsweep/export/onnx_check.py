@@ -10,7 +10,6 @@ the second with fixed, recorded onnxruntime settings (:class:`OrtSettings`).
 from __future__ import annotations
 
 import copy
-import os
 import statistics
 import tempfile
 import time
@@ -26,25 +25,10 @@ from torch import nn
 from bitsweep.backend.intref import image_batches
 from bitsweep.backend.simulate import simulate
 from bitsweep.errors import BitsweepError
-from bitsweep.export.onnx import OnnxCheck, export_onnx
+from bitsweep.export.onnx import OnnxCheck, compare_session, export_onnx, import_ort
 from bitsweep.quant.inspect import is_activation_quantizer, is_weight_layer
 from bitsweep.quant.modules import QuantOutput
-
-
-def _ort() -> Any:
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise BitsweepError("checking ONNX files needs onnxruntime: pip install 'bitsweep[onnx]'") from None
-    return ort
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on (its affinity mask, not the machine's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+from bitsweep.runtime import available_cores
 
 
 @dataclass(frozen=True)
@@ -63,7 +47,7 @@ class OrtSettings:
 
     def session(self, path: str | Path) -> Any:
         """An onnxruntime CPU ``InferenceSession`` of ``path`` with these settings."""
-        ort = _ort()
+        ort = import_ort()
         s = self.resolved()
         opts = ort.SessionOptions()
         opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, s.graph_optimization)
@@ -74,32 +58,14 @@ class OrtSettings:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (threads resolved)."""
-        return {**asdict(self.resolved()), "onnxruntime": _ort().__version__}
+        return {**asdict(self.resolved()), "onnxruntime": import_ort().__version__}
 
 
 def compare_logits(
     path: str | Path, reference: Callable[[torch.Tensor], torch.Tensor], batches: Any, max_batches: int | None = None
 ) -> OnnxCheck:
-    """Run ``path`` in onnxruntime and ``reference`` on the same images; compare predictions and logits."""
-    sess = OrtSettings().session(path)
-    n = agree = ref_ok = onnx_ok = 0
-    labelled, max_diff = True, 0.0
-    with torch.no_grad():
-        for x, y in image_batches(batches, max_batches):
-            want = reference(x).float()
-            got = torch.from_numpy(sess.run(["logits"], {"input": x.numpy()})[0])
-            max_diff = max(max_diff, float((want - got).abs().max()))
-            agree += int((want.argmax(1) == got.argmax(1)).sum())
-            if y is None:
-                labelled = False
-            else:
-                ref_ok += int((want.argmax(1) == y.cpu()).sum())
-                onnx_ok += int((got.argmax(1) == y.cpu()).sum())
-            n += x.shape[0]
-    if n == 0:
-        raise BitsweepError("no images to check; give at least one batch")
-    return OnnxCheck(n, 100.0 * agree / n, max_diff, 100.0 * ref_ok / n if labelled else None,
-                     100.0 * onnx_ok / n if labelled else None)  # fmt: skip
+    """Run ``path`` in onnxruntime (with :class:`OrtSettings`) and ``reference`` on the same images; compare them."""
+    return compare_session(OrtSettings().session(path), reference, batches, max_batches)
 
 
 def check_qop(path: str | Path, model: nn.Module, batches: Any, max_batches: int | None = None) -> OnnxCheck:
@@ -194,7 +160,8 @@ def describe_latency(rows: list[Latency], baseline: str, settings: OrtSettings) 
         lines.append(f"  {r.model:>6} batch {r.batch:>3}: {r.median_ms:8.3f} ms ({r.images_per_s:,.0f} img/s{speed})")
     s = settings.resolved()
     lines.append(
-        f"  (median of {rows[0].runs if rows else 0} runs; onnxruntime {_ort().__version__}, {s.graph_optimization}, "
+        f"  (median of {rows[0].runs if rows else 0} runs; onnxruntime {import_ort().__version__}, "
+        f"{s.graph_optimization}, "
         f"{s.intra_op_threads} intra-op threads, {s.execution_mode.lower()})"
     )
     return "\n".join(lines)
