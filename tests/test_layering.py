@@ -18,6 +18,7 @@ LAYERS = [
     "export",
     "measure",
     "training",
+    "qat",
     "sweep",
     "search",
     "report",

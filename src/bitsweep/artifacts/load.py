@@ -125,6 +125,11 @@ def load(path: str | Path, device: torch.device | str = "cpu", *, expect: str | 
         return Loaded(model.to(device).eval(), record, "quantized", config, source, p)
     if fmt != FLOAT_FORMAT:
         raise BitsweepError(f"'{p}' is a '{fmt}' file, not a bitsweep model file")
+    if isinstance(state.get("qat"), dict):  # a QAT run's training state: float weights plus learned scales
+        raise BitsweepError(
+            f"'{p}' is the training state of a QAT run; its quantized model is '{p.parent / 'quantized.pt'}' "
+            f"(an interrupted run continues with 'bitsweep qat --resume {p.parent}')"
+        )
     _expect(expect, "float", p)
     check_float(state, p)  # complete, and no NaN/inf weights
     record = record_of(state)

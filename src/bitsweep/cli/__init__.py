@@ -30,7 +30,7 @@ from bitsweep import __version__
 from bitsweep.errors import BitsweepError
 
 # Command modules in the order ``bitsweep --help`` lists them.
-COMMANDS: tuple[str, ...] = ("quickstart", "train", "eval", "quantize", "export", "sweep", "search", "report")
+COMMANDS: tuple[str, ...] = ("quickstart", "train", "eval", "quantize", "qat", "export", "sweep", "search", "report")
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -143,27 +143,35 @@ def check_writable(folder: str | Path, option: str) -> Path:
     return path
 
 
-def add_method_options(parser: argparse.ArgumentParser, *, several: bool = False) -> None:
-    """``--method`` (or ``--methods`` for a sweep axis), ``--method-images`` and ``--method-iterations``."""
+def add_method_options(parser: argparse.ArgumentParser, *, several: bool = False, prefix: str = "method") -> None:
+    """``--method`` (or ``--methods`` for a sweep axis), ``--method-images`` and ``--method-iterations``.
+
+    With another ``prefix`` (``qat`` uses ``init``) only ``--PREFIX-images`` and ``--PREFIX-iterations``
+    are added: the caller names the method itself.
+    """
     names = ", ".join(PTQ_METHODS)
-    if several:
-        parser.add_argument(
-            "--methods", type=str_list, default=["rtn"], help=f"post-training methods to sweep: {names} (default: rtn)"
-        )
-    else:
-        parser.add_argument("--method", default="rtn", help=f"post-training method: {names} (default: rtn)")
-    parser.add_argument("--method-images", type=int, default=RECONSTRUCTION_IMAGES,
-                        help="calibration images the learned methods fit on")  # fmt: skip
+    if prefix == "method":
+        if several:
+            parser.add_argument(
+                "--methods", type=str_list, default=["rtn"],
+                help=f"post-training methods to sweep: {names} (default: rtn)",
+            )  # fmt: skip
+        else:
+            parser.add_argument("--method", default="rtn", help=f"post-training method: {names} (default: rtn)")
     parser.add_argument(
-        "--method-iterations", type=int, default=None,
+        f"--{prefix}-images", dest="method_images", type=int, metavar="N", default=RECONSTRUCTION_IMAGES,
+        help="calibration images the learned methods fit on",
+    )  # fmt: skip
+    parser.add_argument(
+        f"--{prefix}-iterations", dest="method_iterations", type=int, metavar="N", default=None,
         help="optimisation steps per layer/block of adaround, brecq and qdrop (default: the method's)",
     )  # fmt: skip
 
 
-def method_options(args: argparse.Namespace) -> dict[str, int | bool]:
+def method_options(args: argparse.Namespace, prefix: str = "method") -> dict[str, int | bool]:
     """The ``options`` for :func:`bitsweep.quant.ptq` from :func:`add_method_options`'s arguments."""
-    require_positive("--method-images", args.method_images)
+    require_positive(f"--{prefix}-images", args.method_images)
     options: dict[str, int | bool] = {"images": args.method_images}
     if args.method_iterations is not None:
-        options["iterations"] = require_positive("--method-iterations", args.method_iterations)
+        options["iterations"] = require_positive(f"--{prefix}-iterations", args.method_iterations)
     return options

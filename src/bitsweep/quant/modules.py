@@ -43,6 +43,7 @@ from torch import nn
 from bitsweep.quant.graph import clamp_bounds  # the one clamp detector (by behaviour)
 from bitsweep.quant.observers import ActivationStats, weight_qparams
 from bitsweep.quant.primitives import (
+    SCALE_EPS,
     dequantize,
     fake_quantize,
     fake_quantize_fast,
@@ -53,6 +54,16 @@ from bitsweep.quant.rounding import RoundingPolicy, check_integers, rounding_pol
 from bitsweep.quant.spec import QuantSpec
 
 MODES = ("off", "observe", "quantize")
+
+
+def _step_size(scale: torch.Tensor) -> torch.Tensor:
+    """The grid step a trainable scale stands for: ``|scale|`` (at least ``SCALE_EPS``).
+
+    A gradient step can push a small learned scale across zero. Its sign means nothing to the grid,
+    so the magnitude is used and the gradient keeps flowing (a clamp at zero would freeze the channel
+    with every weight on one level, and never let it recover).
+    """
+    return scale.abs().clamp(min=SCALE_EPS)
 
 
 def _scale_to_parameter(module: ActivationQuantizer | WeightQuantizer) -> None:
@@ -66,7 +77,7 @@ def _scale_to_parameter(module: ActivationQuantizer | WeightQuantizer) -> None:
 def _scale_to_buffer(module: ActivationQuantizer | WeightQuantizer) -> None:
     """Re-register a trainable ``module.scale`` as a plain buffer holding its learned value."""
     if isinstance(module.scale, nn.Parameter):
-        value = module.scale.detach().clone()
+        value = _step_size(module.scale.detach().clone())
         delattr(module, "scale")
         module.register_buffer("scale", value)
 
@@ -151,10 +162,10 @@ class ActivationQuantizer(nn.Module):
             return x
         if self.trainable:
             if not torch.is_grad_enabled():
-                return fake_quantize(x, self.scale.detach(), self.zero_point, self.spec)
+                return fake_quantize(x, _step_size(self.scale.detach()), self.zero_point, self.spec)
             per_image = x.numel() // x.shape[0] if x.dim() > 1 else x.numel()
             g = lsq_grad_scale(per_image, self.spec) if self.lsq_grad_scale else 1.0
-            return fake_quantize_lsq(x, self.scale, self.zero_point, self.spec, g)
+            return fake_quantize_lsq(x, _step_size(self.scale), self.zero_point, self.spec, g)
         if (x.requires_grad and torch.is_grad_enabled()) or x.dtype != torch.float32:
             return fake_quantize(x, self.scale, self.zero_point, self.spec)
         return fake_quantize_fast(x, *self._fast, inplace=self.inplace)
@@ -208,6 +219,8 @@ class WeightQuantizer(nn.Module):
             scale, zero_point = weight_qparams(weight, self.spec, self.observer)
             self.scale = scale.to(weight.device)
             self.zero_point = zero_point.to(weight.device)
+        else:
+            self.scale.data = _step_size(self.scale.data)  # a trained step size may have crossed zero
         q = self.rounding(weight, self.scale.detach(), self.zero_point, self.spec)
         self.q = check_integers(q, self.scale.detach(), self.zero_point, self.spec, tuple(weight.shape))
         return self.dequantized().to(weight.dtype)
@@ -265,7 +278,7 @@ class WeightQuantizer(nn.Module):
         if self.trainable:
             channels = weight.shape[self.spec.channel_axis] if self.spec.per_channel else 1
             g = lsq_grad_scale(weight.numel() // channels, self.spec) if self.lsq_grad_scale else 1.0
-            return fake_quantize_lsq(weight, self.scale, self.zero_point, self.spec, g)
+            return fake_quantize_lsq(weight, _step_size(self.scale), self.zero_point, self.spec, g)
         scale, zero_point = weight_qparams(weight, self.spec, self.observer)
         return fake_quantize(weight, scale.to(weight.device), zero_point.to(weight.device), self.spec)
 
@@ -310,11 +323,18 @@ class _QuantWeightMixin:
 
         Quantizes the weight first when it has no qparams yet. Returns the scale parameter.
         """
+        self.train_weight()
+        return self.weight_quantizer.make_trainable(grad_scale)
+
+    def train_weight(self) -> None:
+        """Fake-quantize the weight every step with the straight-through gradient (``weight_mode`` ``qat``).
+
+        Without :meth:`make_trainable` the observer re-picks the scale from the current weight each step
+        (plain STE training); quantizes the weight first when it has no qparams yet.
+        """
         if self.weight_quantizer.q.numel() == 0:
             self.convert_weight()
-        scale = self.weight_quantizer.make_trainable(grad_scale)
         self.weight_mode = "qat"
-        return scale
 
     def freeze(self) -> None:
         """Stop learning: keep the learned scale, pick the integers with it and use them (``weight_mode`` quantize)."""

@@ -24,7 +24,12 @@ from bitsweep.quant.modules import ActivationQuantizer, QuantConv2d, QuantLinear
 
 
 def make_trainable(
-    model: nn.Module, *, weights: bool = True, activations: bool = True, grad_scale: bool = True
+    model: nn.Module,
+    *,
+    weights: bool = True,
+    activations: bool = True,
+    grad_scale: bool = True,
+    learn_scales: bool = True,
 ) -> list[nn.Parameter]:
     """Turn the scales of a converted model into parameters trained with the LSQ gradient.
 
@@ -37,6 +42,9 @@ def make_trainable(
         weights: learn weight scales.
         activations: learn activation scales.
         grad_scale: use LSQ's gradient scale ``1 / sqrt(elements * qmax)``.
+        learn_scales: False trains with the plain straight-through estimator instead: weights are
+            fake-quantized every step with scales the observer re-picks from the current weight, and
+            activation scales stay as calibrated (the STE baseline of quantization-aware training).
 
     Returns:
         The new scale parameters, for the optimizer (they are also in ``model.parameters()``).
@@ -46,8 +54,11 @@ def make_trainable(
         if isinstance(m, QuantOutput):
             m.fused = False
         elif weights and isinstance(m, (QuantConv2d, QuantLinear)) and m.weight_mode != "off":
-            params.append(m.make_trainable(grad_scale))
-        elif activations and isinstance(m, ActivationQuantizer) and m.mode == "quantize":
+            if learn_scales:
+                params.append(m.make_trainable(grad_scale))
+            else:
+                m.train_weight()
+        elif activations and learn_scales and isinstance(m, ActivationQuantizer) and m.mode == "quantize":
             params.append(m.make_trainable(grad_scale))
     return params
 
@@ -58,7 +69,7 @@ def freeze(model: nn.Module) -> nn.Module:
     Returns ``model`` (changed in place), ready for lowering, packing and export.
     """
     for m in model.modules():
-        if isinstance(m, (QuantConv2d, QuantLinear)) and m.weight_quantizer.trainable:
+        if isinstance(m, (QuantConv2d, QuantLinear)) and (m.weight_quantizer.trainable or m.weight_mode == "qat"):
             m.freeze()
         elif isinstance(m, ActivationQuantizer) and m.trainable:
             m.freeze()

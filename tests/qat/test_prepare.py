@@ -1,0 +1,197 @@
+"""prepare_qat / convert_qat: what is trained, what comes out, and that it is integer-exact."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bitsweep.backend.intref import compare
+from bitsweep.errors import BitsweepError
+from bitsweep.qat import QATConfig, convert_qat, prepare_qat
+from bitsweep.quant import QuantConfig, ptq
+from bitsweep.quant.modules import ActivationQuantizer, QuantConv2d, QuantLinear
+
+
+class Residual(nn.Module):
+    """Conv-BN-ReLU6, a residual block and a classifier: folds, adds and clamps, small enough for many steps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU6())
+        self.block = nn.Sequential(
+            nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False),
+            nn.BatchNorm2d(8),
+            nn.ReLU6(),
+            nn.Conv2d(8, 8, 1, bias=False),
+            nn.BatchNorm2d(8),
+        )
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = x + self.block(x)
+        return self.head(x.mean((2, 3)))
+
+
+def _data(n: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images whose class is which quadrant is brightest: learnable, and not by chance."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 4, (n,), generator=g)
+    x = 0.3 * torch.randn(n, 1, 8, 8, generator=g)
+    for i, c in enumerate(y.tolist()):
+        r, col = divmod(c, 2)
+        x[i, 0, 4 * r : 4 * r + 4, 4 * col : 4 * col + 4] += 1.0
+    return x, y
+
+
+_TRAINED: dict[str, dict[str, torch.Tensor]] = {}
+
+
+def _float_model() -> nn.Module:
+    """The float model trained on :func:`_data` (QAT fine-tunes a trained model; trained once per session)."""
+    torch.manual_seed(0)
+    model = Residual()
+    if "state" not in _TRAINED:
+        x, y = _data(256, seed=9)
+        opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+        model.train()
+        for _ in range(80):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        _TRAINED["state"] = copy.deepcopy(model.state_dict())
+    model.load_state_dict(_TRAINED["state"])
+    return model.eval()
+
+
+@pytest.mark.parametrize("method", ["lsq", "ste"])
+def test_qat_lowers_the_training_loss(method: str) -> None:
+    x, y = _data()
+    model = _float_model()
+    prepared = prepare_qat(model, QuantConfig.from_bits(2, 4, observer="mse"), [x], QATConfig(method=method))
+    assert (len(prepared.scales) > 0) == (method == "lsq")
+
+    def loss_now() -> float:
+        with torch.no_grad():
+            return float(F.cross_entropy(prepared.model(x), y))
+
+    before = loss_now()
+    opt = torch.optim.SGD(prepared.model.parameters(), lr=0.02, momentum=0.9)
+    for _ in range(60):
+        loss = F.cross_entropy(prepared.model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss_now() < 0.6 * before
+
+
+def test_lsq_trains_every_scale_and_ste_none() -> None:
+    x, y = _data()
+    lsq = prepare_qat(_float_model(), QuantConfig.from_bits(4, 4), [x], QATConfig(method="lsq"))
+    F.cross_entropy(lsq.model(x), y).backward()
+    quantizers = [m for m in lsq.model.modules() if isinstance(m, ActivationQuantizer) and m.mode == "quantize"]
+    layers = [m for m in lsq.model.modules() if isinstance(m, (QuantConv2d, QuantLinear))]
+    assert len(lsq.scales) == len(quantizers) + len(layers)
+    assert all(s.grad is not None and s.grad.abs().sum() > 0 for s in lsq.scales)
+    assert all(m.weight_quantizer.scale.shape == (m.weight.shape[0],) for m in layers)  # per channel
+    ste = prepare_qat(_float_model(), QuantConfig.from_bits(4, 4), [x], QATConfig(method="ste"))
+    assert ste.scales == [] and all(
+        m.weight_mode == "qat" for m in ste.model.modules() if isinstance(m, (QuantConv2d, QuantLinear))
+    )
+
+
+def test_batchnorm_is_folded_and_trained_as_the_integer_program_runs_it() -> None:
+    x, _ = _data()
+    prepared = prepare_qat(_float_model(), QuantConfig.from_bits(4, 8), [x])
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in prepared.model.modules())
+
+
+def test_converted_qat_model_agrees_with_the_integer_reference_on_every_image() -> None:
+    x, y = _data()
+    model = _float_model()
+    prepared = prepare_qat(model, QuantConfig.from_bits(2, 4), [x])
+    opt = torch.optim.SGD(prepared.model.parameters(), lr=0.02, momentum=0.9)
+    for _ in range(10):
+        loss = F.cross_entropy(prepared.model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    converted = convert_qat(prepared.model)
+    assert not any(
+        isinstance(p, nn.Parameter)
+        for m in converted.modules()
+        if isinstance(m, ActivationQuantizer)
+        for p in m.parameters()
+    )
+    test_x, test_y = _data(96, seed=5)
+    result = compare(converted, [(test_x[:48], test_y[:48]), (test_x[48:], test_y[48:])])
+    assert result.images == 96 and result.float32_exact
+    assert result.max_logit_diff == 0.0
+    for m in converted.modules():
+        if isinstance(m, (QuantConv2d, QuantLinear)):
+            q = m.int_weight()
+            assert q.min() >= m.weight_quantizer.spec.qmin and q.max() <= m.weight_quantizer.spec.qmax
+
+
+def test_binary_weights_train_as_sign_times_a_learned_scale() -> None:
+    x, y = _data()
+    prepared = prepare_qat(_float_model(), QuantConfig.from_bits(1, 8), [x])
+    before = [s.detach().clone() for s in prepared.scales]
+    opt = torch.optim.SGD(prepared.model.parameters(), lr=0.05)
+    for _ in range(5):
+        loss = F.cross_entropy(prepared.model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(before, prepared.scales, strict=True))
+    converted = convert_qat(prepared.model)
+    for m in converted.modules():
+        if isinstance(m, (QuantConv2d, QuantLinear)):
+            assert set(m.int_weight().unique().tolist()) <= {-1, 1}
+    assert compare(converted, [x]).max_logit_diff == 0.0
+
+
+def test_a_step_size_pushed_below_zero_stays_a_valid_grid() -> None:
+    x, _ = _data()
+    prepared = prepare_qat(_float_model(), QuantConfig.from_bits(4, 8), [x])
+    with torch.no_grad():
+        for s in prepared.scales:
+            s.fill_(-1.0)
+    converted = convert_qat(prepared.model)  # no "scale must be positive" from deep inside
+    assert all(
+        float(m.weight_quantizer.scale.min()) > 0
+        for m in converted.modules()
+        if isinstance(m, (QuantConv2d, QuantLinear))
+    )
+
+
+def test_learned_rounding_is_where_qat_starts() -> None:
+    """AdaRound picked other integers than nearest rounding; QAT's first forward must compute those."""
+    x, _ = _data()
+    reference = ptq(
+        _float_model(),
+        QuantConfig.from_bits(2, 8, method="adaround"),
+        [x],
+        options={"iterations": 30, "progress": False},
+    ).model
+    prepared = prepare_qat(
+        _float_model(),
+        QuantConfig.from_bits(2, 8),
+        [x],
+        QATConfig(init="adaround"),
+        options={"iterations": 30, "progress": False},
+    )
+    start = convert_qat(copy.deepcopy(prepared.model))
+    for (name, a), (_, b) in zip(reference.named_modules(), start.named_modules(), strict=True):
+        if isinstance(a, (QuantConv2d, QuantLinear)):
+            assert torch.equal(a.int_weight(), b.int_weight()), name
+
+
+def test_a_model_with_nothing_to_quantize_is_refused() -> None:
+    with pytest.raises(BitsweepError, match="no Conv2d or Linear layer"):
+        prepare_qat(nn.Sequential(nn.ReLU()).eval(), QuantConfig.from_bits(4, 4), [torch.randn(2, 3)])

@@ -1,0 +1,254 @@
+"""qat() / resume_qat() / ``bitsweep qat``: the whole run, exact resume, what other commands read, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bitsweep.artifacts import load
+from bitsweep.artifacts.packed_read import load_packed
+from bitsweep.cli import main
+from bitsweep.data import DatasetSplits
+from bitsweep.errors import BitsweepError
+from bitsweep.qat import QATConfig, qat, resume_qat
+from bitsweep.quant import QuantConfig
+from bitsweep.training import load_checkpoint
+
+TRAIN = {"epochs": 2, "batch_size": 32, "eval_batch_size": 64, "tensorboard": False}
+QUANT = QuantConfig.from_bits(4, 4, observer="mse")
+
+
+class Interrupt:
+    """Raises KeyboardInterrupt after the given epoch, like Ctrl-C between epochs."""
+
+    def __init__(self, after: int) -> None:
+        self.after = after
+
+    def __call__(self, epoch: int, row: dict) -> None:
+        if epoch == self.after:
+            raise KeyboardInterrupt
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory: pytest.TempPathFactory, float_checkpoint: Path, qat_splits: DatasetSplits):
+    """One uninterrupted 2-epoch W4A4 LSQ run with distillation, shared by the tests below."""
+    run = tmp_path_factory.mktemp("qat") / "run"
+    return qat(
+        float_checkpoint,
+        QUANT,
+        QATConfig(),
+        train=TRAIN,
+        run_dir=run,
+        splits=qat_splits,
+        progress=False,
+        compile_mode="off",
+    )
+
+
+def test_the_run_writes_an_integer_exact_quantized_checkpoint(full_run, qat_splits: DatasetSplits) -> None:
+    assert full_run.quantized == full_run.run_dir / "quantized.pt"
+    assert {
+        "config.yaml",
+        "metrics.csv",
+        "metrics.jsonl",
+        "best.pt",
+        "last.pt",
+        "curves.png",
+        "eval.json",
+        "quantized.pt",
+        "qat.json",
+    } <= {p.name for p in full_run.run_dir.iterdir()}
+    assert full_run.simulation == "integer-exact"
+    assert set(full_run.accuracy) == {"float", "start", "final"}
+    assert [r["epoch"] for r in full_run.fit.metrics] == [1, 2]
+    assert all("val_top1" in r for r in full_run.fit.metrics)  # the quantized model's validation accuracy per epoch
+    record = json.loads((full_run.run_dir / "qat.json").read_text())
+    assert record["recipe"]["method"] == "lsq" and record["recipe"]["distill"] is True
+    assert record["accuracy"]["final"]["test"]["top1"] == full_run.accuracy["final"]["test"].top1
+    loaded = load(full_run.quantized)
+    assert loaded.kind == "quantized" and loaded.quant_config is not None
+    assert loaded.quant_config.weight is not None and loaded.quant_config.weight.bits == 4
+
+
+def test_the_quantized_checkpoint_packs_with_identical_logits(
+    full_run, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "m.safetensors"
+    assert (
+        main(["export", str(full_run.quantized), "--output", str(out), "--batch-size", "32", "--check-batches", "1"])
+        == 0
+    )
+    assert "reloaded logits identical" in capsys.readouterr().out
+    record = json.loads((tmp_path / "m.safetensors.json").read_text())
+    assert record["integer_reference"]["max_logit_diff"] == 0.0
+    packed, _ = load_packed(out)
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(load(full_run.quantized).model(x), packed(x))
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(
+    full_run, float_checkpoint: Path, tmp_path: Path, qat_splits: DatasetSplits
+) -> None:
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        qat(
+            float_checkpoint,
+            QUANT,
+            QATConfig(),
+            train=TRAIN,
+            run_dir=run,
+            splits=qat_splits,
+            progress=False,
+            compile_mode="off",
+            evaluate_start=False,
+            callbacks=[Interrupt(after=1)],
+        )
+    assert load_checkpoint(run / "last.pt")["epoch"] == 1 and not (run / "quantized.pt").exists()
+    resumed = resume_qat(run, splits=qat_splits, progress=False, compile_mode="off")
+    for name in ("last.pt", "quantized.pt"):
+        want = (
+            load_checkpoint(full_run.run_dir / name)
+            if name == "last.pt"
+            else torch.load(full_run.run_dir / name, weights_only=True)
+        )
+        got = load_checkpoint(run / name) if name == "last.pt" else torch.load(run / name, weights_only=True)
+        assert want["model_state"].keys() == got["model_state"].keys()
+        for key, value in want["model_state"].items():
+            assert torch.equal(value, got["model_state"][key]), f"{name}: {key}"
+    assert resumed.accuracy["final"]["test"].top1 == full_run.accuracy["final"]["test"].top1
+
+
+def test_a_qat_training_state_is_not_mistaken_for_a_model(full_run) -> None:
+    with pytest.raises(BitsweepError, match="training state of a QAT run.*quantized.pt"):
+        load(full_run.run_dir / "best.pt")
+
+
+def test_a_teacher_with_other_classes_is_refused(float_checkpoint: Path, tmp_path: Path) -> None:
+    other = tmp_path / "teacher.pt"
+    state = load_checkpoint(float_checkpoint)
+    state["model_state"] = {k: (v[:3] if k.startswith("classifier") else v) for k, v in state["model_state"].items()}
+    state["dataset"] = {**state["dataset"], "num_classes": 3}
+    torch.save(state, other)
+    with pytest.raises(BitsweepError, match="teacher .* predicts 3 classes but the model has 10"):
+        qat(float_checkpoint, QUANT, QATConfig(), teacher=other, train=TRAIN, run_dir=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_resuming_something_that_is_not_a_qat_run_is_refused(float_checkpoint: Path) -> None:
+    with pytest.raises(BitsweepError, match="not a QAT run"):
+        resume_qat(float_checkpoint.parent)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--epochs", "0"], "--epochs must be a positive whole number, got 0"),
+        (["--weight-bits", "0"], "bit"),
+        (["--method", "lsq", "--init", "nope"], "unknown post-training method 'nope'"),
+        (["--distill-weight", "2"], "distillation weight must be in"),
+    ],
+)
+def test_cli_bad_settings_are_one_line_and_leave_nothing(
+    float_checkpoint: Path, tmp_path: Path, extra: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    assert main(["qat", str(float_checkpoint), "--run-dir", str(run), "--quiet", *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+    assert not run.exists()
+
+
+def test_cli_from_a_quantized_checkpoint_is_refused(
+    full_run, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["qat", str(full_run.quantized), "--run-dir", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "is a quantized model file, but a float one is needed" in err and not (tmp_path / "run").exists()
+
+
+def test_cli_layer_bits_of_another_architecture_is_refused(
+    float_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plan = tmp_path / "bits.yaml"
+    plan.write_text("weight_bits: 4\nactivation_bits: 8\nweights:\n  layer1.0.conv1: 2\n")  # a ResNet layer
+    assert main(["qat", str(float_checkpoint), "--layer-bits", str(plan), "--run-dir", str(tmp_path / "run")]) == 2
+    assert "layer1.0.conv1" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_cli_runs_end_to_end_and_prints_the_table(
+    float_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    assert (
+        main(
+            [
+                "qat",
+                str(float_checkpoint),
+                "--weight-bits",
+                "2",
+                "--activation-bits",
+                "8",
+                "--epochs",
+                "1",
+                "--method",
+                "ste",
+                "--no-distill",
+                "--batch-size",
+                "32",
+                "--run-dir",
+                str(run),
+                "--quiet",
+                "--compile",
+                "off",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "PTQ start" in out and "QAT" in out and "integer-exact" in out and "model compression" in out
+    assert json.loads((run / "qat.json").read_text())["recipe"]["method"] == "ste"
+
+
+@pytest.mark.slow  # torchrun: two subprocesses
+def test_torchrun_two_processes_gloo(float_checkpoint: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "bitsweep",
+        "qat",
+        str(float_checkpoint),
+        "--weight-bits",
+        "4",
+        "--activation-bits",
+        "4",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--run-dir",
+        str(tmp_path / "ddp"),
+        "--compile",
+        "off",
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "ddp"
+    assert json.loads((run / "environment.json").read_text())["world_size"] == 2
+    assert proc.stdout.count("run directory:") == 1  # only rank 0 converts, reports and writes
+    assert load(run / "quantized.pt").kind == "quantized"
