@@ -156,3 +156,32 @@ def test_sweep_with_two_methods_puts_both_in_one_report(
     report = (out / "report.md").read_text()
     assert all(label in report for label in labels if label != "FP32")
     assert read_results(out / "results.jsonl").header["identity"]["eval.method_iterations"] == 2
+
+
+def test_a_qat_checkpoint_is_a_cell_of_the_sweep_and_its_report(
+    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from bitsweep.qat import QATConfig, qat
+    from bitsweep.quant import QuantConfig
+
+    trained = qat(tiny_checkpoint, QuantConfig.from_bits(2, 4, observer="mse"), QATConfig(distill=False),
+                  train={"epochs": 1, "batch_size": 50, "tensorboard": False}, run_dir=tmp_path / "qat-w2a4",
+                  evaluate_start=False, compile_mode="off", progress=False)  # fmt: skip
+    assert trained.quantized is not None
+    out = tmp_path / "sweep"
+    args = ["--weight-bits", "4", "--activation-bits", "8", "--limit", "64", "--calib-batches", "1",
+            "--calib-batch-size", "32", "--batch-size", "64", "--output", str(out)]  # fmt: skip
+    rc = main(["sweep", str(tiny_checkpoint), *args, "--add-quantized", str(trained.quantized)])
+    assert rc == 0, capsys.readouterr().err
+    rows = read_results(out / "results.jsonl").rows
+    qat_rows = [r for r in rows if r.get("checkpoint")]
+    assert len(rows) == 3 and len(qat_rows) == 1
+    row = qat_rows[0]
+    assert row["label"] == "W2A4 from qat-w2a4/quantized.pt" and row["simulation"] == "integer-exact"
+    assert (row["weight_bits"], row["activation_bits"]) == (2, 4)
+    assert row["size_bytes"] == (out / "packed" / f"{row['cell_id']}.safetensors").stat().st_size
+    assert "W2A4 from qat-w2a4/quantized.pt" in (out / "report.md").read_text()
+    # a missing file is one line, before any cell runs
+    assert main(["sweep", str(tiny_checkpoint), *args[:-1], str(tmp_path / "s2"), "--add-quantized",
+                 str(tmp_path / "nope.pt")]) == 2  # fmt: skip
+    assert "not found" in capsys.readouterr().err and not (tmp_path / "s2" / "results.jsonl").exists()

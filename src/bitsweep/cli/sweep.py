@@ -67,6 +67,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="compile the integer-exact simulation once per worker (auto: when a cell evaluates >= 5,000 "
                         "images; same results, faster cells)")  # fmt: skip
+    p.add_argument("--add-quantized", action="append", default=[], metavar="FILE",
+                   help="also measure this quantized checkpoint of the same model as a cell (a QAT run's "
+                   "quantized.pt, a 'quantize' output); repeatable")  # fmt: skip
     p.add_argument("--no-report", action="store_true", help="do not build report.md/report.html at the end")
     p.add_argument("--no-packed", action="store_true", help="do not keep each cell's packed model file")
     p.set_defaults(func=run)
@@ -103,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         outcome = sweep_checkpoint(
             args.checkpoint, output, axes, settings, executor, choose_device(args.device), args.data_dir,
-            args.max_drop, keep_packed=not args.no_packed,
+            args.max_drop, keep_packed=not args.no_packed, quantized=args.add_quantized,
         )  # fmt: skip
     except KeyboardInterrupt:
         print(f"sweep interrupted; finished cells are kept in {output}/results.jsonl - rerun the same command "

@@ -18,7 +18,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from bitsweep.sweep.grid import AXES, ID_BASE_AXES, Cell
+from bitsweep.sweep.grid import AXES, ID_BASE_AXES, Cell, checkpoint_tag
 
 # Rows written before an axis existed lack its column; they mean the axis default.
 AXIS_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(Cell)}
@@ -50,6 +50,8 @@ def group_label(key: tuple[Any, ...]) -> str:
             continue  # a newer axis at its default (e.g. method rtn) says nothing
         if name == "symmetric":
             parts.append("symmetric" if value else "asymmetric")
+        elif name == "checkpoint":
+            parts.append(f"from {checkpoint_tag(str(value))}")
         else:
             parts.append(str(value))
     return ", ".join(parts)

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from bitsweep.artifacts import ModelRecord, load
 from bitsweep.artifacts.checkpoint import resolve
 from bitsweep.errors import BitsweepError
 from bitsweep.runtime import environment
@@ -59,6 +60,7 @@ def sweep_checkpoint(
     max_drop: float = 1.0,
     keep_packed: bool = True,
     progress: bool = True,
+    quantized: Sequence[str | os.PathLike[str]] = (),
 ) -> SweepOutcome:
     """Sweep the grid ``axes`` over ``checkpoint``; resumes when ``output_dir`` holds an unfinished sweep.
 
@@ -77,6 +79,9 @@ def sweep_checkpoint(
         max_drop: accuracy budget (validation top-1 points below FP32) of the recommendation.
         keep_packed: keep every cell's packed model file.
         progress: show the progress bar.
+        quantized: quantized checkpoints of the same network (a QAT run's ``quantized.pt``, ``bitsweep
+            quantize`` outputs) measured as extra cells against the same FP32 baseline, so the front and
+            the recommendation can pick them.
 
     Raises:
         BitsweepError: bad grid, missing checkpoint, a results file from another sweep, a folder
@@ -89,6 +94,7 @@ def sweep_checkpoint(
     recommend([], 0.0, max_drop)  # validates max_drop up front
     state = load_checkpoint(Path(checkpoint))
     info = checkpoint_info(state)
+    cells += [checkpoint_cell(path, info.record) for path in quantized]
     ckpt_path = Path(checkpoint)
     ckpt_path = resolve(ckpt_path)
     del state
@@ -131,6 +137,36 @@ def sweep_checkpoint(
         raise BitsweepError("the sweep finished without its FP32 baseline row; rerun the same command to complete it")
     rec = recommend(rows, float(base["val_top1"]), max_drop)
     return SweepOutcome(run=run, front=tuple(pareto_front(rows)), recommendation=rec)
+
+
+def checkpoint_cell(path: str | os.PathLike[str], record: ModelRecord) -> Cell:
+    """The sweep cell that measures the quantized checkpoint ``path`` (of the network ``record`` describes).
+
+    Raises:
+        BitsweepError: not a quantized checkpoint, or one of another network.
+    """
+    loaded = load(Path(path), "cpu", expect="quantized")
+    config = loaded.quant_config
+    assert config is not None
+    if (
+        loaded.record.name != record.name
+        or loaded.record.num_classes != record.num_classes
+        or (loaded.record.options != record.options)
+    ):
+        raise BitsweepError(
+            f"'{path}' quantizes {loaded.record.label} ({loaded.record.num_classes} classes), but the sweep's "
+            f"checkpoint is {record.label} ({record.num_classes} classes); add quantized checkpoints of the swept model"
+        )
+    weight, act = config.weight, config.activation
+    return Cell(
+        weight_bits=weight.bits if weight is not None else None,
+        activation_bits=act.bits if act is not None else None,
+        granularity=weight.granularity if weight is not None else "per_channel",
+        observer=config.weight_observer,
+        symmetric=weight.symmetric if weight is not None else True,
+        method=config.method,
+        checkpoint=str(loaded.path.resolve()),
+    )
 
 
 def format_front(front: Sequence[Mapping[str, Any]]) -> str:

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bitsweep.artifacts import load
 from bitsweep.artifacts.packed import PackedMeta, save_packed
 from bitsweep.backend.simulate import evaluation_model, runner_for
 from bitsweep.data import load_dataset
@@ -231,12 +232,17 @@ class _Evaluator:
         return self._quantized(cell)
 
     def _quantized(self, cell: Cell) -> dict[str, Any]:
-        config = quant_config_for(cell)
-        model = copy.deepcopy(self.model).eval()
-        try:
-            model = ptq(model, config, self.calibration, stats=self.stats, options=self._method_options()).model
-        except ValueError as e:
-            raise BitsweepError(f"cell {cell.label}: {e}") from None
+        if cell.checkpoint:  # measured as it is (QAT, a searched plan, ...): no quantization here
+            loaded = load(cell.checkpoint, self.device, expect="quantized")
+            assert loaded.quant_config is not None
+            model, config = loaded.model, loaded.quant_config
+        else:
+            config = quant_config_for(cell)
+            model = copy.deepcopy(self.model).eval()
+            try:
+                model = ptq(model, config, self.calibration, stats=self.stats, options=self._method_options()).model
+            except ValueError as e:
+                raise BitsweepError(f"cell {cell.label}: {e}") from None
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # missing from the stubs
         # Accuracy from the integer-exact simulation: what an integer deployment of this cell computes.
         evaluated, simulation = evaluation_model(model, self.val[0][:1], self.runner)

@@ -23,6 +23,7 @@ import itertools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from bitsweep.errors import BitsweepError
@@ -52,6 +53,9 @@ class Cell:
         symmetric: symmetric (zero point 0) weight quantization.
         method: how weights are rounded to integers (``rtn``: round to nearest; other names as
             ``bitsweep.quant`` registers them).
+        checkpoint: a quantized checkpoint (a QAT run's ``quantized.pt``, a ``bitsweep quantize`` output)
+            measured as this cell instead of quantizing the sweep's float model; the other fields then
+            describe that checkpoint's recipe. Empty for the cells the sweep quantizes itself.
     """
 
     weight_bits: int | None = 8
@@ -60,6 +64,7 @@ class Cell:
     observer: str = "minmax"
     symmetric: bool = True
     method: str = "rtn"
+    checkpoint: str = ""
 
     def __post_init__(self) -> None:
         for name in ("weight_bits", "activation_bits"):
@@ -120,6 +125,8 @@ class Cell:
             return "FP32"
         w = "Wfp" if self.weight_bits is None else f"W{self.weight_bits}"
         a = "Afp" if self.activation_bits is None else f"A{self.activation_bits}"
+        if self.checkpoint:
+            return f"{w}{a} from {checkpoint_tag(self.checkpoint)}"
         extra = ("" if self.symmetric else " asym") + ("" if self.method == "rtn" else f" {self.method}")
         return f"{w}{a} {self.granularity} {self.observer}{extra}"
 
@@ -138,6 +145,16 @@ class Cell:
 
 
 AXES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Cell))
+
+
+def checkpoint_tag(path: str) -> str:
+    """A short name of a cell's quantized checkpoint: its folder and file name (``qat-w2a4/quantized.pt``).
+
+    >>> checkpoint_tag("/runs/fmnist/qat-w2a4/quantized.pt")
+    'qat-w2a4/quantized.pt'
+    """
+    p = Path(path)
+    return f"{p.parent.name}/{p.name}" if p.parent.name else p.name
 
 
 def baseline_cell() -> Cell:
