@@ -111,3 +111,25 @@ def test_quantize_refuses_a_bad_layer_bits_file(checkpoint: Path, tmp_path: Path
     plan.write_text("weights: [1, 2]\n")
     _one_line_error(["quantize", str(checkpoint), "--layer-bits", str(plan), "--output", str(out), "--device", "cpu"],
                     capsys, "must be a mapping of layer name to bits")  # fmt: skip
+
+
+@pytest.mark.slow
+def test_search_then_qat_finetune_of_the_chosen_plan(checkpoint: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "search"
+    assert main(["search", str(checkpoint), "--max-ratio", "6", "--output-dir", str(out), "--finetune", "qat",
+                 "--epochs", "1", *FAST]) == 0  # fmt: skip
+    text = capsys.readouterr().out
+    assert "after 1 QAT epoch(s): validation top-1" in text
+    record = json.loads((out / "search.json").read_text())
+    tuned = record["finetune"]
+    assert tuned["file_bytes"] == os.path.getsize(out / "qat" / "model.safetensors")
+    assert record["fp32_bytes"] / tuned["file_bytes"] >= 6  # fine-tuning keeps the plan's bits, so its size
+    assert tuned["simulation"] == "integer-exact" and (out / "qat" / "quantized.pt").is_file()
+    plan = load_layer_bits(out / "layer_bits.yaml")
+    packed = load(out / "qat" / "model.safetensors")
+    assert packed.quant_config is not None
+    for name, bits in plan.weights.items():
+        assert packed.quant_config.spec_for(name).bits == bits  # type: ignore[union-attr]
+    # a second fine-tuning into the same folder is refused before any work
+    _one_line_error(["search", str(checkpoint), "--max-ratio", "6", "--output-dir", str(out), "--finetune", "qat",
+                     *FAST], capsys, "holds an earlier fine-tuning")  # fmt: skip

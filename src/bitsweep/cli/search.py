@@ -13,14 +13,17 @@ import dataclasses
 import math
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
-from bitsweep.artifacts import load
+from bitsweep.artifacts import Loaded, load
+from bitsweep.artifacts.packed import PackedMeta, save_packed
 from bitsweep.backend.simulate import runner_for
 from bitsweep.cli import common
 from bitsweep.config import to_dict
 from bitsweep.data import load_dataset
 from bitsweep.errors import BitsweepError
 from bitsweep.io import write_json_atomic
+from bitsweep.qat import QATConfig, qat
 from bitsweep.quant import QuantConfig
 from bitsweep.runtime import choose_device
 from bitsweep.search.layer_bits import save_layer_bits
@@ -66,6 +69,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--max-rounds", type=int, default=3, help="solves at most under --max-drop (1: no retry)")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="compile the integer-exact simulation (auto: when evaluating >= 5,000 images)")  # fmt: skip
+    p.add_argument("--finetune", choices=("none", "qat"), default="none",
+                   help="qat: fine-tune the chosen plan with quantization-aware training (LSQ + distillation, "
+                   "ranges from the MSE observer) into OUTPUT/qat, packed as OUTPUT/qat/model.safetensors")  # fmt: skip
+    p.add_argument("--epochs", type=int, default=3, help="QAT epochs of --finetune qat")
     p.add_argument("--output-dir", default=None, help="where the four files go (default: CHECKPOINT's folder/search)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -86,6 +93,7 @@ def _check(args: argparse.Namespace) -> None:
         common.require_positive("--" + name.replace("_", "-"), getattr(args, name))
     if args.val_images is not None:
         common.require_positive("--val-images", args.val_images)
+    common.require_positive("--epochs", args.epochs)
 
 
 def compact_bits(result: ValidatedPlan) -> str:
@@ -132,6 +140,9 @@ def run(args: argparse.Namespace) -> int:
     src = Path(args.checkpoint)
     out_dir = Path(args.output_dir) if args.output_dir else (src.parent if src.is_file() else src) / "search"
     common.check_writable(out_dir, "--output-dir")  # before minutes of work, not after
+    if args.finetune == "qat" and (out_dir / "qat").exists():
+        raise BitsweepError(f"{out_dir / 'qat'} holds an earlier fine-tuning; move it away or choose another "
+                            "--output-dir (an interrupted one continues with 'bitsweep qat --resume')")  # fmt: skip
     device = choose_device(args.device)
     loaded = load(args.checkpoint, device, expect="float")
     info = checkpoint_info(loaded.meta)
@@ -174,4 +185,30 @@ def run(args: argparse.Namespace) -> int:
     print(f"sensitivity: {how} ({result.sensitivity.images} validation images, {cache[0]})")
     print(summary(result))
     print(f"wrote {', '.join(OUTPUTS)} in {out_dir}")
+    if args.finetune == "qat":
+        tuned = finetune(args, loaded, result.plan.to_quant_config(base), out_dir)
+        write_json_atomic(out_dir / "search.json", {**record, "finetune": tuned})
+        print(f"after {args.epochs} QAT epoch(s): validation top-1 {tuned['val_top1']:.2f} %, test top-1 "
+              f"{tuned['test_top1']:.2f} % ({tuned['simulation']}); packed file {tuned['file_bytes']:,} bytes, "
+              f"{result.fp32_bytes / tuned['file_bytes']:.2f}x smaller; run {tuned['run_dir']}")  # fmt: skip
     return 0
+
+
+def finetune(args: argparse.Namespace, loaded: Loaded, config: QuantConfig, out_dir: Path) -> dict[str, Any]:
+    """QAT of the chosen plan (ranges re-picked by the MSE observer), its packed file, and what it measured."""
+    config = dataclasses.replace(config, weight_observer="mse", activation_observer="mse")
+    run = out_dir / "qat"
+    if run.exists():
+        raise BitsweepError(
+            f"{run} exists from an earlier fine-tuning; move it away (or --resume it with 'bitsweep qat')"
+        )
+    result = qat(loaded.path, config, QATConfig(), train={"epochs": args.epochs}, run_dir=run, evaluate_start=False,
+                 compile_mode=args.compile, eval_batch_size=args.batch_size, progress=not args.quiet)  # fmt: skip
+    assert result.quantized is not None
+    tuned = load(result.quantized, "cpu", expect="quantized")
+    assert tuned.quant_config is not None
+    packed = save_packed(tuned.model, run / "model.safetensors",
+                         PackedMeta(tuned.record, tuned.quant_config, extra=loaded.source_meta()))  # fmt: skip
+    final = result.accuracy["final"]
+    return {"run_dir": str(run), "epochs": args.epochs, "val_top1": final["val"].top1, "test_top1": final["test"].top1,
+            "simulation": result.simulation, "file_bytes": packed.file_bytes}  # fmt: skip
