@@ -169,3 +169,22 @@ def test_lsq_binary_scale_gradient_is_the_sign() -> None:
 def test_lsq_grad_scale_formula() -> None:
     assert lsq_grad_scale(64, QuantSpec(4)) == pytest.approx(1 / (64 * 7) ** 0.5)
     assert lsq_grad_scale(0, QuantSpec(1, signed=True, symmetric=False)) == 1.0  # qmax 0 and no elements: no blow-up
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_training_paths_equal_the_reference_formula(seed: int) -> None:
+    """The fused training forward (LSQ and STE) gives the reference formula's values, huge inputs included."""
+    g = torch.Generator().manual_seed(seed)
+    bits = int(torch.randint(2, 9, (1,), generator=g))
+    signed, symmetric, per_channel = (bool(torch.randint(0, 2, (1,), generator=g)) for _ in range(3))
+    spec = QuantSpec(bits, signed=signed, symmetric=symmetric,
+                     granularity="per_channel" if per_channel else "per_tensor", channel_axis=1)  # fmt: skip
+    x = torch.randn(3, 5, 4, 4, generator=g) * float(torch.rand(1, generator=g) * 10)
+    x[0, 0, 0, :2] = torch.tensor([1e30, -1e30])
+    shape = (5,) if per_channel else ()
+    s = torch.rand(shape, generator=g) * 0.5 + 1e-3
+    z = (torch.zeros(shape, dtype=torch.int32) if symmetric
+         else torch.randint(spec.qmin, spec.qmax + 1, shape, generator=g, dtype=torch.int32))  # fmt: skip
+    ref = fake_quantize_reference(x, s, z, spec)
+    assert torch.equal(fake_quantize_lsq(x.clone().requires_grad_(True), s.clone().requires_grad_(True), z, spec), ref)
+    assert torch.equal(fake_quantize(x.clone().requires_grad_(True), s, z, spec), ref)

@@ -145,19 +145,39 @@ def fake_quantize_reference(
     return dequantize(quantize(x, scale, zero_point, spec), scale, zero_point, spec)
 
 
+def _levels(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(out, inside, v, c)`` of a non-binary grid in seven elementwise passes, for training.
+
+    ``v = x / s`` in grid steps, ``c`` its level relative to the zero point clamped to the grid, ``inside``
+    where rounding needed no clamp, ``out = c * s``: equal to :func:`fake_quantize_reference` (the zero
+    point is an integer and levels stay below 2**24, so clamping around it is exact; see
+    :func:`fake_quantize_fast`), without its integer round trip.
+    """
+    s = _broadcast(scale.detach().float(), x, spec)
+    v = x.detach().float() * (1.0 / s)
+    r = torch.round(v)
+    if zero_point.numel() == 1:
+        z = int(zero_point.reshape(()).item())
+        c = torch.clamp(r, float(spec.qmin - z), float(spec.qmax - z))
+    else:
+        z_t = _broadcast(zero_point, x, spec).float()
+        c = torch.clamp(r, spec.qmin - z_t, spec.qmax - z_t)
+    inside = c == r
+    return c * s, inside, v, c
+
+
 class _FakeQuantSTE(torch.autograd.Function):
     """Fake-quant with the straight-through estimator: gradient 1 inside the grid's range, 0 outside."""
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, spec):  # type: ignore[no-untyped-def]
-        out = fake_quantize_reference(x, scale, zero_point, spec)
-        s = _broadcast(scale.float(), x, spec)
         if spec.binary:
-            inside = x.abs() <= s
+            out = fake_quantize_reference(x, scale, zero_point, spec)
+            inside = x.abs() <= _broadcast(scale.float(), x, spec)
         else:
-            z = _broadcast(zero_point, x, spec)
-            r = torch.round(x.float() * (1.0 / s)) + z
-            inside = (r >= spec.qmin) & (r <= spec.qmax)
+            out, inside, _, _ = _levels(x, scale, zero_point, spec)
         ctx.save_for_backward(inside)
         return out.to(x.dtype)
 
@@ -192,19 +212,15 @@ class _FakeQuantLSQ(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, spec, grad_scale):  # type: ignore[no-untyped-def]
-        out = fake_quantize_reference(x, scale, zero_point, spec)
-        s = _broadcast(scale.detach().float(), x, spec)
-        xf = x.detach().float()
         if spec.binary:
-            inside = xf.abs() <= s
+            out = fake_quantize_reference(x, scale, zero_point, spec)
+            xf = x.detach().float()
+            inside = xf.abs() <= _broadcast(scale.detach().float(), x, spec)
             d_scale = torch.where(xf >= 0, 1.0, -1.0)  # x_hat = s * sign(x)
         else:
-            z = _broadcast(zero_point, x, spec).float()
-            v = xf * (1.0 / s)
-            r = torch.round(v)
-            lo, hi = spec.qmin - z, spec.qmax - z  # the grid's range around the zero point
-            inside = (r >= lo) & (r <= hi)
-            d_scale = torch.where(inside, r - v, torch.where(r < lo, lo, hi))
+            # d x_hat / d s: round(v) - v inside the grid, the clamped level (qmin - z or qmax - z) outside
+            out, inside, v, c = _levels(x, scale, zero_point, spec)
+            d_scale = torch.where(inside, c - v, c)
         ctx.save_for_backward(inside, d_scale)
         ctx.spec, ctx.scale_shape, ctx.grad_scale = spec, scale.shape, grad_scale
         return out.to(x.dtype)
@@ -213,12 +229,12 @@ class _FakeQuantLSQ(torch.autograd.Function):
     def backward(ctx, grad):  # type: ignore[no-untyped-def]
         inside, d_scale = ctx.saved_tensors
         spec, shape = ctx.spec, ctx.scale_shape
-        g = grad.float() * d_scale * ctx.grad_scale
         if spec.per_channel and math.prod(shape) > 1:
+            g = grad.float() * d_scale
             g = g.movedim(spec.channel_axis, 0).reshape(g.shape[spec.channel_axis], -1).sum(dim=1)  # (C,)
         else:
-            g = g.sum()
-        return grad * inside.to(grad.dtype), g.reshape(shape), None, None, None
+            g = (grad.float() * d_scale).sum()
+        return grad * inside.to(grad.dtype), (g * ctx.grad_scale).reshape(shape), None, None, None
 
 
 def fake_quantize_lsq(
