@@ -141,6 +141,18 @@ def test_a_teacher_with_other_classes_is_refused(float_checkpoint: Path, tmp_pat
     assert not (tmp_path / "run").exists()
 
 
+def test_a_teacher_for_other_images_is_refused(float_checkpoint: Path, tmp_path: Path) -> None:
+    other = tmp_path / "teacher.pt"
+    state = load_checkpoint(float_checkpoint)
+    state["dataset"] = {**state["dataset"], "in_channels": 1, "image_size": [28, 28], "mean": [0.5], "std": [0.25]}
+    state["model_state"] = {k: (v[:, :1] if k == "features.0.0.weight" else v) for k, v in state["model_state"].items()}
+    torch.save(state, other)
+    with pytest.raises(BitsweepError, match="takes 1x28x28 images but the model 3x16x16"):
+        qat(float_checkpoint, QUANT, QATConfig(), teacher=other, train=TRAIN, run_dir=tmp_path / "run",
+            progress=False)  # fmt: skip
+    assert not (tmp_path / "run").exists()
+
+
 def test_resuming_something_that_is_not_a_qat_run_is_refused(float_checkpoint: Path) -> None:
     with pytest.raises(BitsweepError, match="not a QAT run"):
         resume_qat(float_checkpoint.parent)

@@ -95,7 +95,16 @@ def _teacher(path: str | Path | None, student: Loaded, num_classes: int) -> tupl
             f"teacher '{path}' predicts {loaded.record.num_classes} classes but the model has {num_classes}; "
             "pass a teacher trained on the same dataset, or --no-distill"
         )
+    if loaded.record.input_shape != student.record.input_shape:
+        raise BitsweepError(
+            f"teacher '{path}' takes {_shape(loaded.record.input_shape)} images but the model "
+            f"{_shape(student.record.input_shape)}; pass a teacher trained on the same dataset, or --no-distill"
+        )
     return loaded.model, str(loaded.path)
+
+
+def _shape(chw: tuple[int, int, int]) -> str:
+    return f"{chw[0]}x{chw[1]}x{chw[2]}"
 
 
 def _integer_accuracy(
