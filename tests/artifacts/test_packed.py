@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
@@ -9,13 +10,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+import bitsweep.artifacts.packed as packed_format
 from bitsweep.artifacts import ModelRecord, PackedMeta, load_packed, read_header, save_packed
+from bitsweep.config import to_dict
 from bitsweep.errors import BitsweepError
 from bitsweep.measure.size import fp32_file_bytes, size_report
-from bitsweep.quant import QuantConfig
+from bitsweep.quant import LayerOverride, QuantConfig
+from bitsweep.quant.inspect import weight_layers
+from bitsweep.quant.scale_dtype import apply_scale_dtype
 
 QuantFactory = Callable[..., tuple[nn.Module, QuantConfig]]
 
@@ -90,3 +96,64 @@ def test_other_architecture_is_refused(tmp_path: Path, quantized: QuantFactory, 
     path = save_packed(model, tmp_path / "m.safetensors", PackedMeta(wrong, config)).path
     with pytest.raises(BitsweepError, match="does not match the model it names"):
         load_packed(path)
+
+
+def test_float16_scales_and_biases_are_stored_in_two_bytes_exactly(
+    tmp_path: Path, quantized: QuantFactory, arch: ModelRecord
+) -> None:
+    model32, config32 = quantized(4, 8)
+    config = dataclasses.replace(config32, scale_dtype="float16")
+    model = apply_scale_dtype(copy.deepcopy(model32), "float16")  # what ptq does last under this config
+    info = save_packed(model, tmp_path / "m.safetensors", PackedMeta(arch, config))
+    with safe_open(str(info.path), "pt") as f:
+        assert f.get_slice("weights.scale").get_dtype() == f.get_slice("biases").get_dtype() == "F16"
+    loaded, meta = load_packed(info.path)
+    x = torch.randn(5, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    assert meta.config == config
+    report = size_report(model, "float16")
+    assert info.payload_bytes == report.payload_bytes
+    assert info.file_bytes - report.payload_bytes == read_header(info.path)[1]
+    smaller = save_packed(model32, tmp_path / "m32.safetensors", PackedMeta(arch, config32)).payload_bytes
+    assert smaller - info.payload_bytes == 2 * sum(
+        m.weight_quantizer.scale.numel() + (m.bias.numel() if m.bias is not None else 0)
+        for _, m in weight_layers(model)
+    )
+
+
+def test_float16_storage_of_unrounded_scales_is_refused(
+    tmp_path: Path, quantized: QuantFactory, arch: ModelRecord
+) -> None:
+    model, config = quantized(4, 8)  # converted with float32 scales
+    with pytest.raises(BitsweepError, match="weight scales are not float16 values.*scale_dtype"):
+        save_packed(
+            model, tmp_path / "m.safetensors", PackedMeta(arch, dataclasses.replace(config, scale_dtype="float16"))
+        )
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_header_writes_overrides_without_nulls_and_loads_the_same_config(
+    tmp_path: Path, quantized: QuantFactory, arch: ModelRecord
+) -> None:
+    model, config = quantized(4, 8)
+    overrides = (LayerOverride("features.0*", weight_bits=4), LayerOverride("nothing", skip=True))
+    config = dataclasses.replace(config, overrides=overrides)
+    info = save_packed(model, tmp_path / "m.safetensors", PackedMeta(arch, config))
+    entry = read_header(info.path)[0]["quant_config"]
+    assert entry["overrides"] == [{"pattern": "features.0*", "weight_bits": 4}, {"pattern": "nothing", "skip": True}]
+    assert "scale_dtype" not in entry  # float32, as every file before the field: older readers still read it
+    assert load_packed(info.path)[1].config == config
+
+
+def test_files_written_with_full_overrides_still_load(
+    tmp_path: Path, quantized: QuantFactory, arch: ModelRecord, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Version 2 files from before the compact header (every override field written, nulls included)."""
+    model, config = quantized(4, 8)
+    config = dataclasses.replace(config, overrides=(LayerOverride("features.0*", weight_bits=4),))
+    monkeypatch.setattr(packed_format, "quant_config_entry", lambda c: {k: v for k, v in to_dict(c).items()
+                                                                 if k != "scale_dtype"})  # fmt: skip
+    info = save_packed(model, tmp_path / "m.safetensors", PackedMeta(arch, config))
+    assert read_header(info.path)[0]["quant_config"]["overrides"][0]["activation_bits"] is None
+    assert load_packed(info.path)[1].config == config

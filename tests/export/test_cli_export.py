@@ -9,13 +9,16 @@ import pytest
 import torch
 from torch import nn
 
-from bitsweep.artifacts import load, load_packed
+from bitsweep.artifacts import load, load_packed, read_header
 from bitsweep.artifacts.quantized import quantized_state
 from bitsweep.cli import main
 from bitsweep.config import DataConfig, ModelConfig, RunConfig, to_dict
+from bitsweep.data import load_dataset
 from bitsweep.measure.summary import describe_compression
 from bitsweep.models import create_model
 from bitsweep.quant import QuantConfig, ptq
+from bitsweep.search import LayerBits, layer_names, save_layer_bits
+from bitsweep.training import save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +107,57 @@ def test_export_onnx_int8_is_qop_with_check_and_latency(
     assert {(r["model"], r["batch"]) for r in record["latency"]} == {("FP32", 1), ("int8", 1), ("FP32", 64),
                                                                      ("int8", 64)}  # fmt: skip
     assert record["settings"]["graph_optimization"] == "ORT_ENABLE_ALL" and record["check"]["top1_agreement"] >= 90
+
+
+@pytest.fixture(scope="module")
+def float_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained width-0.25 MobileNet-v2 on the synthetic data (calibration needs its dataset)."""
+    config = RunConfig(data=DataConfig(name="synthetic"), model=ModelConfig(width=0.25))
+    splits = load_dataset(config.data)
+    torch.manual_seed(0)
+    model = create_model("mobilenetv2", splits.num_classes, splits.in_channels, width=0.25).eval()
+    path = tmp_path_factory.mktemp("float") / "best.pt"
+    save_checkpoint(path, {"config": to_dict(config), "dataset": splits.meta(), "model_state": model.state_dict(),
+                           "epoch": 1, "metrics": {}})  # fmt: skip
+    return path
+
+
+def test_export_with_layer_bits_packs_and_exports_the_plans_bits(
+    float_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    names = layer_names(load(float_checkpoint).model)
+    plan = LayerBits.explicit({n: (2, 4, 8)[i % 3] for i, n in enumerate(names.weights)}, activation_bits=8)
+    plan = LayerBits(plan.weight_bits, 8, plan.weights, {names.activations[1]: 6})
+    path = save_layer_bits(plan, tmp_path / "layer_bits.yaml")
+    fast = ["--calib-batches", "1", "--batch-size", "32", "--check-batches", "1"]
+    out = tmp_path / "m.safetensors"
+    assert main(["export", str(float_checkpoint), "--layer-bits", str(path), "--output", str(out), *fast]) == 0
+    assert "reloaded logits identical" in capsys.readouterr().out
+    info, _ = read_header(out)
+    bits = {name: info["specs"][si]["bits"] for name, si, *_ in info["weight_layers"]}
+    assert bits == dict(plan.weights)
+    acts = {name: info["specs"][si]["bits"] for name, si in info["activation_quantizers"]}
+    assert {b for n, b in acts.items() if n.startswith(names.activations[1] + ".")} == {6}
+    assert load(out).quant_config == plan.to_quant_config(QuantConfig.from_bits(8, 8))
+    onnx_out = tmp_path / "m.onnx"
+    assert main(["export", str(float_checkpoint), "--layer-bits", str(path), "--format", "onnx", "--output",
+                 str(onnx_out), *fast]) == 0  # fmt: skip
+    assert "onnxruntime vs fake-quant simulation" in capsys.readouterr().out
+    assert json.loads((tmp_path / "m.onnx.json").read_text())["onnx_check"]["top1_agreement"] >= 90
+
+
+def test_export_layer_bits_errors_are_one_line(
+    float_checkpoint: Path, qcheckpoint: tuple[Path, nn.Module], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plan = save_layer_bits(LayerBits(4, 8, {"features.1.conv.0.O": 2}), tmp_path / "typo.yaml")
+    out = tmp_path / "m.safetensors"
+    for argv, message in (
+        ([str(float_checkpoint), "--layer-bits", str(plan), "--weight-bits", "4"], "drop --weight-bits"),
+        ([str(float_checkpoint), "--layer-bits", str(plan)], "no weight layer named 'features.1.conv.0.O'"),
+        ([str(qcheckpoint[0]), "--layer-bits", str(plan)], "already quantized"),
+        ([str(float_checkpoint), "--layer-bits", str(tmp_path / "nope.yaml")], "cannot read layer-bits file"),
+    ):
+        assert main(["export", *argv, "--output", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+    assert not out.exists()

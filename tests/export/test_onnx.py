@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from torch import nn
 from bitsweep.errors import BitsweepError
 from bitsweep.export.onnx import check_onnx, export_onnx
 from bitsweep.quant import QuantConfig
+from bitsweep.quant.scale_dtype import apply_scale_dtype
 
 QuantFactory = Callable[..., tuple[nn.Module, QuantConfig]]
 
@@ -85,3 +87,16 @@ def test_int8_refuses_wide_weights(tmp_path: Path, quantized: QuantFactory) -> N
     with pytest.raises(BitsweepError, match="at most 8 bits"):
         export_onnx(model, tmp_path / "m.onnx", (1, 8, 8), int8=True)
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_float16_rounded_scales_export_as_float32_and_compute_the_grid(tmp_path: Path, quantized: QuantFactory) -> None:
+    model = apply_scale_dtype(copy.deepcopy(quantized(4, 8)[0]), "float16")
+    path = export_onnx(model, tmp_path / "m.onnx", (1, 8, 8))
+    scales = [i for i in onnx.load(str(path)).graph.initializer if i.data_type == onnx.TensorProto.FLOAT]
+    assert scales  # ONNX scales stay float32; the weight scales among them hold float16 values
+    x = _images()[0][0]
+    with torch.no_grad():
+        sim = model(x).numpy()
+    got = _exact_session(path).run(["logits"], {"input": x.numpy()})[0]
+    assert (sim.argmax(1) == got.argmax(1)).mean() >= 0.97
+    assert np.median(np.abs(sim - got)) < 1e-6

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from bitsweep.export.onnx_check import OrtSettings, check_qop, compare_latency
 from bitsweep.export.onnx_qop import export_onnx_qop
 from bitsweep.models.registry import create_model
 from bitsweep.quant import QuantConfig, ptq
+from bitsweep.quant.scale_dtype import apply_scale_dtype
 
 SHAPE = (1, 28, 28)
 FLOAT_OPS = {"Conv", "Add", "MatMul", "Gemm", "GlobalAveragePool", "AveragePool", "FusedConv", "FusedGemm"}
@@ -90,6 +92,15 @@ def test_logits_agree_with_integer_simulation(w8a8: nn.Module, tmp_path: Path) -
     assert agree >= 0.99
     assert max_diff < 0.3
     assert differ < 0.25
+
+
+def test_float16_rounded_scales_agree_with_integer_simulation(w8a8: nn.Module, tmp_path: Path) -> None:
+    model = apply_scale_dtype(copy.deepcopy(w8a8), "float16")
+    agree, max_diff, differ = _agreement(model, export_onnx_qop(model, tmp_path / "m.onnx", SHAPE), _images(256))
+    # A layer between two equal activation scales (ReLU6 to ReLU6, both 6/255) now has a float16 multiplier (11
+    # significant bits), so exact half-way products, which onnxruntime rounds to even and the program up, are more
+    # common. Observed: 100 % same argmax, 40 % of images with some logit one integer off (10 % in float32), max 0.2.
+    assert agree >= 0.99 and max_diff < 0.3 and differ < 0.6
 
 
 def test_four_bit_activations(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from bitsweep.errors import BitsweepError
 from bitsweep.qat import QATConfig, convert_qat, prepare_qat
 from bitsweep.quant import QuantConfig, ptq
 from bitsweep.quant.modules import ActivationQuantizer, QuantConv2d, QuantLinear
+from bitsweep.quant.primitives import quantize
 
 
 class Residual(nn.Module):
@@ -136,6 +137,25 @@ def test_converted_qat_model_agrees_with_the_integer_reference_on_every_image() 
         if isinstance(m, (QuantConv2d, QuantLinear)):
             q = m.int_weight()
             assert q.min() >= m.weight_quantizer.spec.qmin and q.max() <= m.weight_quantizer.spec.qmax
+
+
+def test_float16_convert_rounds_learned_scales_and_trained_biases_and_stays_integer_exact() -> None:
+    x, y = _data()
+    prepared = prepare_qat(_float_model(), QuantConfig.from_bits(4, 8, scale_dtype="float16"), [x])
+    opt = torch.optim.SGD(prepared.model.parameters(), lr=0.02, momentum=0.9)
+    for _ in range(5):
+        loss = F.cross_entropy(prepared.model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    converted = convert_qat(prepared.model, "float16")
+    for m in converted.modules():
+        if isinstance(m, (QuantConv2d, QuantLinear)):
+            wq = m.weight_quantizer
+            for t in (wq.scale, m.bias) if m.bias is not None else (wq.scale,):
+                assert torch.equal(t.detach().half().float(), t.detach())
+            assert torch.equal(wq.q, quantize(m.weight, wq.scale, wq.zero_point, wq.spec))  # chosen with the fp16 scale
+    assert compare(converted, [x]).max_logit_diff == 0.0
 
 
 def test_binary_weights_train_as_sign_times_a_learned_scale() -> None:

@@ -18,6 +18,7 @@ from bitsweep.data import DatasetSplits
 from bitsweep.errors import BitsweepError
 from bitsweep.qat import QATConfig, qat, resume_qat
 from bitsweep.quant import QuantConfig
+from bitsweep.quant.inspect import weight_layers
 from bitsweep.training import load_checkpoint
 
 TRAIN = {"epochs": 2, "batch_size": 32, "eval_batch_size": 64, "tensorboard": False}
@@ -219,6 +220,8 @@ def test_cli_runs_end_to_end_and_prints_the_table(
                 "--quiet",
                 "--compile",
                 "off",
+                "--scale-dtype",
+                "float16",
             ]
         )
         == 0
@@ -226,6 +229,10 @@ def test_cli_runs_end_to_end_and_prints_the_table(
     out = capsys.readouterr().out
     assert "PTQ start" in out and "QAT" in out and "integer-exact" in out and "model compression" in out
     assert json.loads((run / "qat.json").read_text())["recipe"]["method"] == "ste"
+    quantized = load(run / "quantized.pt")
+    assert quantized.quant_config is not None and quantized.quant_config.scale_dtype == "float16"
+    scales = [m.weight_quantizer.scale for _, m in weight_layers(quantized.model)]
+    assert all(torch.equal(s.half().float(), s) for s in scales)
 
 
 @pytest.mark.slow  # torchrun: two subprocesses

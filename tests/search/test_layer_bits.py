@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from bitsweep.errors import BitsweepError
-from bitsweep.quant import ptq
+from bitsweep.quant import QuantConfig, ptq
 from bitsweep.quant.inspect import activation_quantizers, weight_layers
 from bitsweep.search.layer_bits import LayerBits, activation_key, load_layer_bits, save_layer_bits
 
@@ -16,6 +16,17 @@ def test_yaml_round_trip(tmp_path: Path, tiny) -> None:
     plan = LayerBits(4, 6, {tiny.names.weights[0]: 8}, {tiny.names.activations[0]: 8})
     path = save_layer_bits(plan, tmp_path / "bits.yaml")
     assert load_layer_bits(path, tiny.names) == plan
+
+
+def test_scale_dtype_travels_with_the_plan(tmp_path: Path, tiny) -> None:
+    """The search writes its scale dtype into the plan, so 'quantize --layer-bits' makes the same file."""
+    plan = LayerBits(4, 8, {tiny.names.weights[0]: 8}, scale_dtype="float16")
+    path = save_layer_bits(plan, tmp_path / "bits.yaml")
+    assert yaml.safe_load(path.read_text())["scale_dtype"] == "float16"
+    assert load_layer_bits(path, tiny.names) == plan
+    assert plan.to_quant_config().scale_dtype == "float16"
+    assert LayerBits(4, 8).to_quant_config(QuantConfig(scale_dtype="float16")).scale_dtype == "float16"
+    assert "scale_dtype" not in LayerBits(4, 8).to_dict()  # unset: files stay as before
 
 
 def test_every_name_takes_effect_in_ptq(tiny) -> None:
@@ -52,6 +63,7 @@ def _write(tmp_path: Path, data: object) -> Path:
         ({"activations": {"nope": 4}}, "no activation site named 'nope'"),
         ({"bits": 4}, "unknown key(s) bits"),
         ({"format": "other"}, "not a bitsweep-layer-bits"),
+        ({"scale_dtype": "bfloat16"}, "scale_dtype must be one of float32, float16"),
         ([4, 8], "must be a mapping"),
     ],
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -124,3 +125,59 @@ def test_cache_is_written_when_measured(tiny, tmp_path: Path, monkeypatch: pytes
     cache = (tmp_path / "s.json", {"k": 1})
     _run(tiny, max_bytes=10**9, sensitivity=None, sensitivity_cache=cache)
     assert calls == [1] and load_cached_sensitivity(*cache) == _sensitivity(tiny)  # the CLI test covers reuse
+
+
+def _with_activations(tiny, sens: Sensitivity) -> Sensitivity:
+    """Activation drops: 1 point at 4 bits for every site, 0 at 8."""
+    acts = tuple(Trial(s, b, 1.0, 90.0 - (1.0 if b == 4 else 0.0)) for s in tiny.names.activations for b in (4, 8))
+    return dataclasses.replace(sens, activation_trials=acts)
+
+
+def test_activation_bits_and_peak_are_recorded(tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _scripted(monkeypatch, [0.5])
+    path = tmp_path / "m.safetensors"
+    result = _run(tiny, max_ratio=6.0, packed_path=path, activation_bits=(4, 8), max_activation_bytes=20_000,
+                  sensitivity=_with_activations(tiny, _sensitivity(tiny)))  # fmt: skip
+    assert result.file_bytes == result.predicted_bytes == os.path.getsize(path) and result.met
+    assert set(result.activation_bits) == set(tiny.names.activations)
+    assert set(result.plan.activations) == {s for s, b in result.activation_bits.items() if b == 4} != set()
+    assert result.peak_activation_bytes <= 20_000
+    record = json.loads(json.dumps(result.to_dict()))
+    assert record["activation_bits_per_site"] == dict(result.activation_bits)
+    assert record["peak_activation_bytes"] == result.peak_activation_bytes and record["max_activation_bytes"] == 20_000
+    assert record["rounds"][0]["activation_bits"] == dict(result.activation_bits)
+    assert record["layer_bits"]["activations"] == dict(result.plan.activations)
+
+
+def test_impossible_peak_fails_before_measuring(tiny, monkeypatch: pytest.MonkeyPatch) -> None:
+    def never(*args, **kwargs):
+        raise AssertionError("sensitivity measured for a peak no plan meets")
+
+    monkeypatch.setattr(validate, "measure_sensitivity", never)
+    monkeypatch.setattr(validate, "measure_activation_sensitivity", never)
+    with pytest.raises(BitsweepError, match="the smallest reachable peak is 18,816 bytes"):
+        _run(tiny, max_drop=1.0, activation_bits=(4, 8), max_activation_bytes=10_000, sensitivity=None)
+
+
+def test_a_cache_without_activation_trials_is_measured_again(tiny, tmp_path: Path, monkeypatch) -> None:
+    calls: list[str] = []
+
+    def weights(*args, **kwargs):
+        calls.append("weights")
+        return _sensitivity(tiny)
+
+    def activations(model, validation, calibration, bits, **kwargs):
+        calls.append("activations")
+        return _with_activations(tiny, _sensitivity(tiny)).activation_trials
+
+    monkeypatch.setattr(validate, "measure_sensitivity", weights)
+    monkeypatch.setattr(validate, "measure_activation_sensitivity", activations)
+    _scripted(monkeypatch, [0.0, 0.0])
+    cache = (tmp_path / "s.json", {"k": 1})
+    save_cached_sensitivity(*cache, _sensitivity(tiny))  # weight trials only, under the same key
+    _run(tiny, max_bytes=10**9, activation_bits=(4, 8), sensitivity=None, sensitivity_cache=cache)
+    assert calls == ["weights", "activations"]
+    cached = load_cached_sensitivity(*cache)
+    assert cached is not None and cached.has_activations(tiny.names.activations, (4, 8))
+    _run(tiny, max_bytes=10**9, activation_bits=(4, 8), sensitivity=None, sensitivity_cache=cache)
+    assert calls == ["weights", "activations"]  # now it is reused

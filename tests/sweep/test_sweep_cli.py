@@ -185,3 +185,51 @@ def test_a_qat_checkpoint_is_a_cell_of_the_sweep_and_its_report(
     assert main(["sweep", str(tiny_checkpoint), *args[:-1], str(tmp_path / "s2"), "--add-quantized",
                  str(tmp_path / "nope.pt")]) == 2  # fmt: skip
     assert "not found" in capsys.readouterr().err and not (tmp_path / "s2" / "results.jsonl").exists()
+
+
+def test_a_layer_bits_plan_is_a_cell_of_the_sweep_resumed_and_reported(
+    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from bitsweep.artifacts import load, read_header
+    from bitsweep.quant import QuantConfig
+    from bitsweep.report.search import packed_breakdown
+    from bitsweep.search import LayerBits, layer_names, save_layer_bits
+    from bitsweep.sweep.evaluate import quant_config_for
+    from bitsweep.sweep.grid import Cell, plan_cell
+
+    names = layer_names(load(tiny_checkpoint).model)
+    weights = {n: (2, 4)[i % 2] for i, n in enumerate(names.weights)}
+    plan = LayerBits(8, 8, weights, {names.activations[1]: 6}, scale_dtype="float16")  # as a search may write it
+    path = save_layer_bits(plan, tmp_path / "search-a" / "layer_bits.yaml")
+    out = tmp_path / "sweep"
+    args = ["--weight-bits", "4", "--activation-bits", "8", "--limit", "64", "--calib-batches", "1",
+            "--calib-batch-size", "32", "--batch-size", "64", "--output", str(out)]  # fmt: skip
+    assert main(["sweep", str(tiny_checkpoint), *args, "--layer-bits", str(path)]) == 0, capsys.readouterr().err
+    assert "3 cell(s) evaluated, 0 resumed" in capsys.readouterr().out  # FP32, W4A8 and the plan
+    rows = read_results(out / "results.jsonl").rows
+    mixed = [r for r in rows if r.get("layer_bits")]
+    assert len(rows) == 3 and len(mixed) == 1
+    row = mixed[0]
+    assert row["label"] == "mixed per_channel minmax from search-a/layer_bits.yaml"
+    assert row["simulation"] == "integer-exact" and row["layer_bits"] == str(path.resolve())
+    # evaluated like the grid's cells, with exactly the config 'quantize --layer-bits' builds
+    cell = Cell.from_dict(row)
+    assert cell.cell_id == row["cell_id"]
+    assert quant_config_for(cell) == plan.to_quant_config(QuantConfig.from_bits(8, 8))
+    info, _ = read_header(row["packed_file"])
+    assert {name: info["specs"][si]["bits"] for name, si, *_ in info["weight_layers"]} == dict(plan.weights)
+    assert row["size_bytes"] == os.path.getsize(row["packed_file"])
+    assert packed_breakdown(row["packed_file"]).dtypes["weights.scale"] == "F16"  # the plan's scale storage
+    assert row["label"] in (out / "report.md").read_text()
+    # resumable: the same command redoes nothing; an edited plan is a new cell, not a stale resumed one
+    assert main(["sweep", str(tiny_checkpoint), *args, "--layer-bits", str(path), "--no-report"]) == 0
+    assert "0 cell(s) evaluated, 3 resumed" in capsys.readouterr().out
+    edited = LayerBits(8, 8, {**plan.weights, names.weights[0]: 8}, plan.activations)
+    assert plan_cell(path, edited).cell_id != cell.cell_id == plan_cell(path, plan).cell_id
+    # a name the model lacks is one line before any cell runs
+    save_layer_bits(LayerBits(4, 8, {"features.1.conv.0.O": 2}), path)
+    s2 = tmp_path / "s2"
+    assert main(["sweep", str(tiny_checkpoint), *args[:-1], str(s2), "--layer-bits", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "no weight layer named 'features.1.conv.0.O'" in err and len(err.strip().splitlines()) == 1
+    assert not (s2 / "results.jsonl").exists()

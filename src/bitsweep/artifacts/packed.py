@@ -6,14 +6,17 @@ Its size on disk is *the* quantized size everywhere in bitsweep. Layout:
   (:mod:`bitsweep.quant.bitpack`), layers concatenated in model order, each
   starting on a byte boundary. Binary (1-bit {-1,+1}) weights are stored as
   one bit, 1 for +1.
-* ``weights.scale`` (float32), ``weights.zero_point`` (int32, asymmetric layers
-  only), ``biases`` (float32): concatenated in the same order.
+* ``weights.scale`` (float32, or float16 when ``QuantConfig.scale_dtype`` is
+  ``float16``), ``weights.zero_point`` (int32, asymmetric layers only), ``biases``
+  (the same dtype as the scales): concatenated in the same order. Float16 storage
+  is exact: conversion already put those values on the float16 grid
+  (:mod:`bitsweep.quant.scale_dtype`), and the writer refuses any that are not.
 * ``activations.scale`` (float32) / ``activations.zero_point`` (int32): one per
   activation quantizer.
 * ``float.<key>``: every other state entry, as stored.
 * Header metadata ``bitsweep`` (JSON): format/version, the model record
-  (:class:`~bitsweep.artifacts.record.ModelRecord`), the QuantConfig, the spec of
-  every quantizer, layer names and shapes (offsets follow from them), free-form
+  (:class:`~bitsweep.artifacts.record.ModelRecord`), the QuantConfig (compact:
+  :func:`quant_config_entry`), the spec of every quantizer, layer names and shapes (offsets follow from them), free-form
   ``extra``; and metadata ``sha256``: a SHA-256 of that JSON *and* every tensor's
   name, dtype, shape and bytes, so a changed bit width in the header is refused as
   surely as a flipped payload byte.
@@ -43,6 +46,7 @@ from bitsweep.errors import BitsweepError
 from bitsweep.io import atomic_path
 from bitsweep.quant.bitpack import pack
 from bitsweep.quant.inspect import activation_quantizers, other_state, weight_layers
+from bitsweep.quant.scale_dtype import storage_dtype
 
 FORMAT = "bitsweep-packed"
 VERSION = 2  # 2: the checksum covers the metadata; the model record replaces the architecture
@@ -84,6 +88,46 @@ def digest(metadata: str, tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def quant_config_entry(config: Any) -> dict[str, Any]:
+    """The header's ``quant_config``: ``to_dict(config)`` without the fields that say "nothing here".
+
+    A searched plan has one override per layer; written in full, each carries four nulls and a
+    ``false`` (6.6 kB of a 15 kB header on MobileNet-v2). Dropped are: override fields that are
+    None or ``skip: false``, and ``scale_dtype: float32``, the storage of every file before the
+    field existed (so float32 files stay readable by older readers). These are the dataclass
+    defaults, so ``from_dict(QuantConfig, entry)`` rebuilds exactly ``config``.
+    """
+    d = to_dict(config)
+    if "overrides" in d:
+        d["overrides"] = [
+            {k: v for k, v in o.items() if v is not None and not (k == "skip" and v is False)} for o in d["overrides"]
+        ]
+    if d.get("scale_dtype") == "float32":
+        del d["scale_dtype"]
+    return d
+
+
+def scale_storage(config: Any) -> torch.dtype:
+    """The dtype of ``weights.scale`` and ``biases`` in the packed file of a model quantized with ``config``."""
+    return storage_dtype(getattr(config, "scale_dtype", "float32"))
+
+
+def _stored(values: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:
+    """``values`` (float32) in ``dtype``; a BitsweepError unless every value survives the round trip exactly."""
+    if dtype == values.dtype:
+        return values
+    stored = values.to(dtype)
+    lost = (stored.float() != values) & values.isfinite()  # NaN/inf pass: the reader refuses them by name
+    if bool(lost.any()):
+        first = float(values[lost][0])
+        raise BitsweepError(
+            f"{int(lost.sum())} {what} are not {str(dtype).removeprefix('torch.')} values (e.g. {first!r}), so "
+            "the file would not hold what the model computes; quantize with this scale_dtype (ptq and "
+            "convert_qat round them) or pack with scale_dtype float32"
+        )
+    return stored
+
+
 def _spec_index(specs: list[dict[str, Any]], spec: Any) -> int:
     d = to_dict(spec)
     if d not in specs:
@@ -100,7 +144,8 @@ def save_packed(model: nn.Module, path: str | Path, meta: PackedMeta) -> PackedF
         meta: model record and QuantConfig needed to rebuild the model.
 
     Raises:
-        BitsweepError: when the model has no quantized layers or was not converted.
+        BitsweepError: when the model has no quantized layers or was not converted, or when
+            ``meta.config.scale_dtype`` is float16 but a scale or bias is not a float16 value.
     """
     layers: list[tuple[str, Any]] = weight_layers(model)
     if not layers:
@@ -123,14 +168,15 @@ def save_packed(model: nn.Module, path: str | Path, meta: PackedMeta) -> PackedF
             [name, _spec_index(specs, wq.spec), list(m.weight.shape), m.bias is not None, wq.scale.numel()]
         )
     aqs: list[tuple[str, Any]] = activation_quantizers(model)
+    dtype = scale_storage(meta.config)
     tensors: dict[str, torch.Tensor] = {
         "weights.packed": torch.from_numpy(np.concatenate(packed)),
-        "weights.scale": torch.cat(scales),
+        "weights.scale": _stored(torch.cat(scales), dtype, "weight scales"),
     }
     if zps:
         tensors["weights.zero_point"] = torch.cat(zps)
     if biases:
-        tensors["biases"] = torch.cat(biases)
+        tensors["biases"] = _stored(torch.cat(biases), dtype, "biases")
     if aqs:
         tensors["activations.scale"] = torch.stack([q.scale.detach().float().reshape(()).cpu() for _, q in aqs])
         tensors["activations.zero_point"] = torch.stack(
@@ -143,7 +189,7 @@ def save_packed(model: nn.Module, path: str | Path, meta: PackedMeta) -> PackedF
         "format": FORMAT,
         "version": VERSION,
         "model": meta.record.to_dict(),
-        "quant_config": to_dict(meta.config),
+        "quant_config": quant_config_entry(meta.config),
         "specs": specs,
         "weight_layers": layer_meta,
         "activation_quantizers": [[n, _spec_index(specs, q.spec)] for n, q in aqs],

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from bitsweep.artifacts.packed import FORMAT, VERSION, PackedMeta, digest
+from bitsweep.artifacts.packed import FORMAT, VERSION, PackedMeta, digest, scale_storage
 from bitsweep.artifacts.record import ModelRecord, check_finite
 from bitsweep.artifacts.restore import build_converted, spec_from_dict
 from bitsweep.config import from_dict
@@ -187,6 +187,12 @@ def decode(path: str | Path) -> PackedContents:
         raise BitsweepError(f"{damaged} ({str(e).splitlines()[0][:120]}); export it again") from None
     if digest(text, tensors) != checksum:
         raise BitsweepError(f"{damaged} (checksum mismatch over its header and data); export it again")
+    for key in ("weights.scale", "biases"):  # float16 (scale_dtype float16) or float32; read back as float32
+        if key in tensors and tensors[key].dtype != scale_storage(config):
+            raise BitsweepError(f"{damaged}: '{key}' is {tensors[key].dtype} but its scale_dtype is "
+                                f"{config.scale_dtype}; export it again")  # fmt: skip
+        if key in tensors:
+            tensors[key] = tensors[key].float()
     state = _state(tensors, specs, rows, aq_rows, damaged)
     check_finite(state, "the model file")
     names = {row[0]: specs[row[1]] for row in rows} | {n: specs[si] for n, si in aq_rows}

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from bitsweep.errors import BitsweepError
 from bitsweep.quant.methods import PTQ_METHODS, RECONSTRUCTION_IMAGES
+from bitsweep.quant.scale_dtype import SCALE_DTYPES
 from bitsweep.quant.spec import MAX_BITS, MIN_BITS
 
 
@@ -106,6 +107,22 @@ def add_threads_option(parser: argparse.ArgumentParser, note: str = "") -> None:
         "--threads", type=int, default=None, metavar="N",
         help=f"torch CPU threads{note} (default: the cores not kept busy by other processes per the load average, "
         "at least 1)",
+    )  # fmt: skip
+
+
+def add_scale_dtype_option(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    """``--scale-dtype``: how weight scales and biases are rounded and stored (``QuantConfig.scale_dtype``).
+
+    Args:
+        parser: The command's parser.
+        default: The command's default; None means float32 unless a ``--layer-bits`` file names one
+            (an option given on the command line wins over the file).
+    """
+    when = f"default: {default}" if default else "default: the --layer-bits file's, else float32"
+    parser.add_argument(
+        "--scale-dtype", choices=SCALE_DTYPES, default=default,
+        help="weight scales and biases rounded to, and stored in the packed file as, this dtype; float16 "
+        f"halves their bytes and is exact (the model computes with the rounded values) ({when})",
     )  # fmt: skip
 
 

@@ -6,6 +6,7 @@ Examples::
     bitsweep export runs/fmnist/best-w8a8.pt --format onnx --int8 --output w8a8.onnx     # QOperator int8
     bitsweep export runs/fmnist/best-w8a8.pt --format onnx --int8 --onnx-style qdq       # QDQ with int32 biases
     bitsweep export runs/fmnist/best.pt --weight-bits 4 --activation-bits 8 --format packed
+    bitsweep export runs/fmnist/best.pt --layer-bits runs/fmnist/search/layer_bits.yaml --format onnx
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from bitsweep.export.onnx_qop import DENSE_WEIGHTS, export_onnx_qop
 from bitsweep.io import write_json_atomic
 from bitsweep.measure.summary import compression_summary
 from bitsweep.quant import QuantConfig, ptq
+from bitsweep.search.layer_bits import layer_names, load_layer_bits
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -59,6 +61,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--output", default=None, help="output path (default: beside the checkpoint, .safetensors/.onnx)")
     p.add_argument("--weight-bits", type=int, default=None, help="quantize a float checkpoint to these weight bits")
     p.add_argument("--activation-bits", type=int, default=None, help="... and these activation bits")
+    p.add_argument("--layer-bits", default=None, metavar="FILE",
+                   help="quantize a float checkpoint with this per-layer bit-width file (a search's "
+                   "layer_bits.yaml) instead of --weight-bits/--activation-bits")  # fmt: skip
     p.add_argument("--calib-batches", type=int, default=16, help="calibration batches (float checkpoints only)")
     common.add_method_options(p)
     p.add_argument("--batch-size", type=int, default=256, help="batch size for calibration and the check")
@@ -86,41 +91,50 @@ def _check_data(meta: PackedMeta, batch_size: int, n: int) -> tuple[Iterator[Any
     return iter(batches), "random images (dataset not available here)"
 
 
-def _quantize_float(
-    loaded: Loaded, args: argparse.Namespace, calib_batches: int, batch_size: int
-) -> tuple[torch.nn.Module, QuantConfig]:
-    """PTQ of a float checkpoint with the default recipe and ``--method``, calibrated on its own training split."""
+def _float_config(loaded: Loaded, args: argparse.Namespace) -> QuantConfig:
+    """The QuantConfig for a float checkpoint: uniform bits, or the ``--layer-bits`` plan (names checked)."""
+    if args.layer_bits is None and (args.weight_bits is None or args.activation_bits is None):
+        raise BitsweepError("a float checkpoint needs --weight-bits and --activation-bits, or --layer-bits FILE "
+                            "(or run 'bitsweep quantize')")  # fmt: skip
     try:
-        config = QuantConfig.from_bits(args.weight_bits, args.activation_bits, method=args.method)
+        if args.layer_bits is None:
+            return QuantConfig.from_bits(args.weight_bits, args.activation_bits, method=args.method)
+        base = QuantConfig.from_bits(8, 8, method=args.method)
     except ValueError as e:
         raise BitsweepError(str(e)) from None
+    return load_layer_bits(args.layer_bits, layer_names(loaded.model, base)).to_quant_config(base)
+
+
+def _quantize_float(
+    loaded: Loaded, args: argparse.Namespace, config: QuantConfig, calib_batches: int, batch_size: int
+) -> torch.nn.Module:
+    """PTQ of a float checkpoint with ``config`` and ``--method``, calibrated on its own training split."""
     if loaded.data is None:
         raise BitsweepError(f"'{loaded.path}' names no dataset to calibrate on; quantize it with the Python API")
     splits = load_dataset(dataclasses.replace(loaded.data, download=False), seed=loaded.seed)
     record = loaded.record
     loader = TensorLoader(splits.train, batch_size, mean=record.mean, std=record.std)
-    return ptq(
-        loaded.model, config, loader, num_batches=calib_batches, options=common.method_options(args)
-    ).model, config
+    return ptq(loaded.model, config, loader, num_batches=calib_batches, options=common.method_options(args)).model
 
 
 def run(args: argparse.Namespace) -> int:
     """Load or quantize, export, reload/run the file, compare with the simulation, print the sizes."""
     common.require_positive("--batch-size", args.batch_size)
     common.require_positive("--check-batches", args.check_batches)
+    if args.layer_bits is not None and (args.weight_bits is not None or args.activation_bits is not None):
+        raise BitsweepError("--layer-bits sets every layer's bits; drop --weight-bits/--activation-bits")
     common.check_writable(Path(args.output).parent if args.output else Path(args.checkpoint).parent, "--output")
     loaded = load(args.checkpoint)
     if loaded.kind != "float":
-        if args.weight_bits is not None or args.activation_bits is not None:
-            raise BitsweepError("this checkpoint is already quantized; drop --weight-bits/--activation-bits")
+        if args.weight_bits is not None or args.activation_bits is not None or args.layer_bits is not None:
+            raise BitsweepError(
+                "this checkpoint is already quantized; drop --weight-bits/--activation-bits/--layer-bits"
+            )
         model, config = loaded.model, loaded.quant_config
     else:
-        if args.weight_bits is None or args.activation_bits is None:
-            raise BitsweepError(
-                "a float checkpoint needs --weight-bits and --activation-bits (or run 'bitsweep quantize')"
-            )
         common.require_positive("--calib-batches", args.calib_batches)
-        model, config = _quantize_float(loaded, args, args.calib_batches, args.batch_size)
+        config = _float_config(loaded, args)  # a bad plan is refused before any calibration
+        model = _quantize_float(loaded, args, config, args.calib_batches, args.batch_size)
     extra = loaded.meta if loaded.kind == "packed" else loaded.source_meta()
     meta = PackedMeta(loaded.record, config, extra)
     src = Path(args.checkpoint)

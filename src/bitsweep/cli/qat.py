@@ -9,6 +9,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="per-layer bits from a layer-bits YAML file (written by 'bitsweep search'); it replaces "
         "--weight-bits/--activation-bits",
     )
+    common.add_scale_dtype_option(p)
     p.add_argument("--calib-batches", type=int, default=QATConfig.calib_batches, help="initial calibration batches")
     common.add_method_options(p, prefix="init")
     p.add_argument(
@@ -110,8 +112,9 @@ def _quant_config(args: argparse.Namespace) -> QuantConfig:
     try:
         overrides = tuple(LayerOverride.parse(o) for o in args.override)
         return QuantConfig.from_bits(
-            args.weight_bits, args.activation_bits, args.granularity, args.observer, overrides=overrides
-        )
+            args.weight_bits, args.activation_bits, args.granularity, args.observer, overrides=overrides,
+            scale_dtype=args.scale_dtype or "float32",
+        )  # fmt: skip
     except ValueError as e:
         raise BitsweepError(str(e)) from None
 
@@ -175,6 +178,8 @@ def run(args: argparse.Namespace) -> int:
     if args.layer_bits is not None:  # names are checked against the model before any work
         model = load(args.checkpoint, "cpu", expect="float").model
         config = load_layer_bits(args.layer_bits, layer_names(model, config)).to_quant_config(config)
+        if args.scale_dtype is not None:  # given on the command line: wins over the file's
+            config = dataclasses.replace(config, scale_dtype=args.scale_dtype)
     train: dict[str, Any] = {"epochs": args.epochs, "lr": args.lr, "weight_decay": args.weight_decay}
     if args.batch_size is not None:
         train["batch_size"] = args.batch_size

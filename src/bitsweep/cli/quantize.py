@@ -57,6 +57,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    help="per-layer bits from a layer-bits YAML file (written by 'bitsweep search'); it replaces "
                    "--weight-bits/--activation-bits; --granularity, --observer and --method still apply")  # fmt: skip
     p.add_argument("--no-fold-bn", action="store_true", help="keep BatchNorm unfolded")
+    common.add_scale_dtype_option(p)
     p.add_argument("--output", default=None, help="quantized checkpoint path (default: beside the input)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     common.add_threads_option(p)
@@ -70,6 +71,7 @@ def build_config(args: argparse.Namespace) -> QuantConfig:
         return QuantConfig.from_bits(
             args.weight_bits, args.activation_bits, args.granularity, args.observer,
             fold_bn=not args.no_fold_bn, overrides=overrides, method=args.method,
+            scale_dtype=args.scale_dtype or "float32",
         )  # fmt: skip
     except ValueError as e:
         raise BitsweepError(str(e)) from None
@@ -89,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
     model, info, source = loaded.model, checkpoint_info(loaded.meta), loaded.meta
     if args.layer_bits is not None:  # names are checked against the model before any calibration
         config = load_layer_bits(args.layer_bits, layer_names(model, config)).to_quant_config(config)
+        if args.scale_dtype is not None:  # given on the command line: wins over the file's
+            config = dataclasses.replace(config, scale_dtype=args.scale_dtype)
     label = "mixed" if args.layer_bits is not None else f"W{args.weight_bits}A{args.activation_bits}"
     splits = load_dataset(dataclasses.replace(info.data, download=False), seed=info.seed)
 

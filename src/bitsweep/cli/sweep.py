@@ -6,10 +6,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from bitsweep.artifacts import load
 from bitsweep.cli import common
 from bitsweep.errors import BitsweepError
+from bitsweep.quant import QuantConfig
 from bitsweep.report import build_report
 from bitsweep.runtime import choose_device
+from bitsweep.search.layer_bits import LayerBits, layer_names, load_layer_bits
 from bitsweep.sweep.api import format_front, sweep_checkpoint
 from bitsweep.sweep.evaluate import EvalSettings
 from bitsweep.sweep.runner import EXECUTORS, ExecutorConfig
@@ -70,6 +73,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--add-quantized", action="append", default=[], metavar="FILE",
                    help="also measure this quantized checkpoint of the same model as a cell (a QAT run's "
                    "quantized.pt, a 'quantize' output); repeatable")  # fmt: skip
+    p.add_argument("--layer-bits", action="append", default=[], metavar="FILE",
+                   help="also quantize with this per-layer bit-width file (a search's layer_bits.yaml) as one more "
+                   "cell, labelled by its folder and file name; repeatable")  # fmt: skip
     p.add_argument("--no-report", action="store_true", help="do not build report.md/report.html at the end")
     p.add_argument("--no-packed", action="store_true", help="do not keep each cell's packed model file")
     p.set_defaults(func=run)
@@ -79,6 +85,14 @@ def default_output(checkpoint: str) -> str:
     """``runs/x/best.pt`` -> ``runs/x/sweep``; a run directory -> ``DIR/sweep`` (so a rerun resumes)."""
     path = Path(checkpoint)
     return str((path if path.is_dir() else path.parent) / "sweep")
+
+
+def load_plans(checkpoint: str, files: list[str]) -> list[tuple[str, LayerBits]]:
+    """Read each layer-bits file, refusing names the checkpoint's model lacks, before any cell runs."""
+    if not files:
+        return []
+    names = layer_names(load(checkpoint, "cpu", expect="float").model, QuantConfig.from_bits(8, 8))
+    return [(f, load_layer_bits(f, names)) for f in files]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -103,10 +117,11 @@ def run(args: argparse.Namespace) -> int:
     }
     output = args.output or default_output(args.checkpoint)
     common.check_writable(output, "--output")
+    plans = load_plans(args.checkpoint, args.layer_bits)
     try:
         outcome = sweep_checkpoint(
             args.checkpoint, output, axes, settings, executor, choose_device(args.device), args.data_dir,
-            args.max_drop, keep_packed=not args.no_packed, quantized=args.add_quantized,
+            args.max_drop, keep_packed=not args.no_packed, quantized=args.add_quantized, layer_bits=plans,
         )  # fmt: skip
     except KeyboardInterrupt:
         print(f"sweep interrupted; finished cells are kept in {output}/results.jsonl - rerun the same command "

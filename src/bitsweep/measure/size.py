@@ -8,9 +8,10 @@ by the safetensors header (metadata JSON and tensor index), which is reported.
 Storage rules (also in docs/measure.md):
 
 * quantized weights: ``ceil(elements * bits / 8)`` bytes per layer (bit-packed);
-* weight scales: float32, one per channel (per-channel) or one per layer;
+* weight scales: float32 (float16 under ``QuantConfig.scale_dtype`` ``float16``), one per channel
+  (per-channel) or one per layer;
 * weight zero-points: int32, stored only for asymmetric grids (symmetric grids have 0 by definition);
-* biases: float32;
+* biases: the same dtype as the weight scales;
 * activation quantizers: one float32 scale + one int32 zero-point each;
 * every other state entry (unquantized layers, unfolded BatchNorm): as stored (its dtype).
 """
@@ -28,8 +29,9 @@ from torch import nn
 
 from bitsweep.quant.bitpack import packed_nbytes
 from bitsweep.quant.inspect import activation_quantizers, other_state, weight_layers
+from bitsweep.quant.scale_dtype import storage_dtype
 
-SCALE_BYTES = 4  # float32
+SCALE_BYTES = 4  # float32 (activation scales always; weight scales and biases under scale_dtype float32)
 ZERO_POINT_BYTES = 4  # int32
 BIAS_BYTES = 4  # float32
 
@@ -88,12 +90,14 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def size_report(model: nn.Module) -> SizeReport:
+def size_report(model: nn.Module, scale_dtype: str = "float32") -> SizeReport:
     """Account for every byte the packed file of ``model`` stores, per layer.
 
     Args:
         model: a converted quantized model (weight layers expose ``weight_quantizer``).
+        scale_dtype: its ``QuantConfig.scale_dtype``: the dtype of the stored weight scales and biases.
     """
+    stored = storage_dtype(scale_dtype).itemsize
     layers = []
     for name, m in weight_layers(model):
         wq = m.weight_quantizer
@@ -101,17 +105,17 @@ def size_report(model: nn.Module) -> SizeReport:
         n = m.weight.numel()
         n_scales = wq.scale.numel()
         zp = 0 if spec.symmetric else wq.zero_point.numel() * ZERO_POINT_BYTES
-        bias = m.bias.numel() * BIAS_BYTES if m.bias is not None else 0
+        bias = m.bias.numel() * stored if m.bias is not None else 0
         layers.append(
             LayerSize(
                 name=name,
                 bits=spec.bits,
                 weight_elements=n,
                 weight_bytes=packed_nbytes(n, spec.bits),
-                scale_bytes=n_scales * SCALE_BYTES,
+                scale_bytes=n_scales * stored,
                 zero_point_bytes=zp,
                 bias_bytes=bias,
-                fp32_bytes=4 * n + bias,
+                fp32_bytes=4 * n + (m.bias.numel() * BIAS_BYTES if m.bias is not None else 0),
             )
         )
     n_aq = len(activation_quantizers(model))

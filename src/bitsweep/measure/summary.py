@@ -104,7 +104,7 @@ def compression_summary(
         meta: model record and QuantConfig (their JSON is part of the packed file's size).
         packed_path: an existing packed file of this model to stat; None writes one to a temporary folder.
     """
-    report = size_report(model)
+    report = size_report(model, getattr(meta.config, "scale_dtype", "float32"))
     acts = activation_memory(model, meta.record.input_shape)
     with tempfile.TemporaryDirectory() as d:
         if packed_path is None:

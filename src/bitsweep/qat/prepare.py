@@ -40,6 +40,7 @@ from bitsweep.quant import QuantConfig, ptq
 from bitsweep.quant.modules import QuantConv2d, QuantLinear
 from bitsweep.quant.primitives import quantize
 from bitsweep.quant.ptq import QuantizedModel
+from bitsweep.quant.scale_dtype import apply_scale_dtype
 from bitsweep.quant.trainable import freeze, make_trainable
 
 
@@ -111,10 +112,16 @@ def _start_from_chosen_integers(model: nn.Module) -> None:
                 m.weight.copy_(wq.dequantized().to(m.weight.dtype))
 
 
-def convert_qat(model: nn.Module) -> nn.Module:
+def convert_qat(model: nn.Module, scale_dtype: str = "float32") -> nn.Module:
     """End training: keep the learned scales, choose every weight's integers with them, and freeze.
 
     The result is a converted model like :func:`~bitsweep.quant.ptq`'s (eval mode), ready for the
     integer program, the packed file and ONNX export.
+
+    Args:
+        model: the trained model from :func:`prepare_qat` (changed in place).
+        scale_dtype: the ``QuantConfig.scale_dtype`` it was prepared with; ``float16`` puts the learned
+            weight scales and the trained biases on the float16 grid (integers chosen with the rounded
+            scales), as :func:`~bitsweep.quant.ptq` does, so the packed file can store them in 2 bytes.
     """
-    return freeze(model).eval()
+    return apply_scale_dtype(freeze(model), scale_dtype).eval()

@@ -290,7 +290,7 @@ def _run(
     prepared = prepare_qat(model, quant, calibration, start_recipe, options={"progress": progress, **init_options})
     simulation = ""
     if evaluate_start and resume is None:
-        start = convert_qat(copy.deepcopy(model))
+        start = convert_qat(copy.deepcopy(model), quant.scale_dtype)
         accuracy["start"], simulation = _integer_accuracy(start, data, loader_kw, compile_mode, eval_batch_size)
         del start
     loss: nn.Module | None = None
@@ -313,7 +313,7 @@ def _run(
     )
     if not result.metrics:  # a non-zero DDP rank: rank 0 converts and writes
         return QATResult(result.run_dir, None, result, accuracy, simulation, time.perf_counter() - started)
-    model = convert_qat(model)  # fit left the best epoch's weights in it
+    model = convert_qat(model, quant.scale_dtype)  # fit left the best epoch's weights in it
     accuracy["final"], simulation = _integer_accuracy(model, data, loader_kw, compile_mode, eval_batch_size)
     out = result.run_dir / QUANTIZED_FILE
     save_quantized(

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from bitsweep.quant.methods import check_method
 from bitsweep.quant.observers import check_observer
+from bitsweep.quant.scale_dtype import check_scale_dtype
 from bitsweep.quant.spec import GRANULARITIES, QuantSpec, check_bits
 
 
@@ -103,6 +104,9 @@ class QuantConfig:
         overrides: per-layer changes, first matching pattern wins.
         method: the post-training method :func:`bitsweep.quant.ptq` applies (a name in
             ``bitsweep.quant.methods.PTQ_METHODS``; ``rtn`` is round-to-nearest).
+        scale_dtype: ``float32`` or ``float16``: the grid conversion puts weight scales and biases on,
+            and the dtype the packed file stores them in (``float16`` halves those bytes, exactly:
+            see :mod:`bitsweep.quant.scale_dtype`).
     """
 
     weight: QuantSpec | None = dataclasses.field(default_factory=lambda: weight_spec(8))
@@ -112,9 +116,11 @@ class QuantConfig:
     fold_bn: bool = True
     overrides: tuple[LayerOverride, ...] = ()
     method: str = "rtn"
+    scale_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         check_method(self.method)
+        check_scale_dtype(self.scale_dtype)
         check_observer(self.weight_observer)
         check_observer(self.activation_observer)
         if self.activation is not None and self.activation.per_channel:
@@ -134,6 +140,7 @@ class QuantConfig:
         fold_bn: bool = True,
         overrides: tuple[LayerOverride, ...] = (),
         method: str = "rtn",
+        scale_dtype: str = "float32",
     ) -> QuantConfig:
         """The usual recipe from bit widths (None keeps that part in floating point)."""
         if granularity not in GRANULARITIES:
@@ -146,6 +153,7 @@ class QuantConfig:
             fold_bn=fold_bn,
             overrides=tuple(overrides),
             method=method,
+            scale_dtype=scale_dtype,
         )
 
     def override_for(self, name: str) -> LayerOverride | None:

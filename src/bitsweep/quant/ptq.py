@@ -29,6 +29,7 @@ from bitsweep.errors import BitsweepError
 from bitsweep.quant.api import CalibrationStats, QuantSummary, calibrate, convert, quantize_
 from bitsweep.quant.config import QuantConfig
 from bitsweep.quant.methods import PTQ_METHODS, PTQContext, PTQMethod, get_method
+from bitsweep.quant.scale_dtype import apply_scale_dtype
 
 __all__ = ["PTQ_METHODS", "PTQContext", "PTQMethod", "QuantizedModel", "ptq"]
 
@@ -69,7 +70,8 @@ def ptq(
     """Quantize ``model`` in place with ``config.method``: prepare, calibrate (or reuse ``stats``), convert.
 
     The method's steps (:class:`~bitsweep.quant.methods.PTQMethod`) run around that core: one on the
-    float model before ``quantize_``, one on the converted model.
+    float model before ``quantize_``, one on the converted model. Last, weight scales and biases are
+    put on the ``config.scale_dtype`` grid (:func:`~bitsweep.quant.scale_dtype.apply_scale_dtype`).
 
     Args:
         model: a float model in eval mode (BatchNorm is folded per ``config.fold_bn``).
@@ -125,4 +127,5 @@ def ptq(
         method.after_convert(
             PTQContext(model, config, images, stats, float_model, MappingProxyType(dict(options or {})))
         )
+    apply_scale_dtype(model, config.scale_dtype)  # last: after any method changed integers, scales or biases
     return QuantizedModel(model.eval(), config, summary, stats, batches)

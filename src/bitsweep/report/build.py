@@ -8,7 +8,6 @@ what was measured.
 
 from __future__ import annotations
 
-import base64
 import html
 import json
 import os
@@ -19,6 +18,13 @@ from typing import Any
 
 from bitsweep.io import atomic_path, write_text_atomic
 from bitsweep.report.figures import heatmap_figure, pareto_figure
+from bitsweep.report.search import read_searches
+from bitsweep.report.search_section import SearchSection, search_section
+from bitsweep.report.tables import fmt as _fmt
+from bitsweep.report.tables import html_img
+from bitsweep.report.tables import html_table as _html_table
+from bitsweep.report.tables import md_table as _md_table
+from bitsweep.report.tables import table as _table
 from bitsweep.sweep.pareto import Recommendation, pareto_front, recommend
 from bitsweep.sweep.results import SweepResults, read_results
 
@@ -58,6 +64,7 @@ class ReportPaths:
     html: Path
     figures: tuple[Path, ...]
     recommendation: Recommendation | None
+    search: SearchSection | None = None
 
 
 def checkpoint_name(path: str | None) -> str:
@@ -82,41 +89,11 @@ def _relative_to(path: Path, folder: Path) -> str:
         return path.name
 
 
-def _fmt(value: Any, fmt: str) -> str:
-    if value is None or value == "":
-        return "–"
-    try:
-        return fmt.format(value)
-    except (ValueError, TypeError):
-        return str(value)
-
-
-def _table(
-    rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str, str]]
-) -> tuple[list[str], list[list[str]]]:
-    present = [c for c in columns if any(r.get(c[0]) is not None for r in rows)]
-    return [h for _, h, _ in present], [[_fmt(r.get(k), f) for k, _, f in present] for r in rows]
-
-
-def _md_table(headers: list[str], body: list[list[str]]) -> str:
-    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    out += ["| " + " | ".join(row) + " |" for row in body]
-    return "\n".join(out)
-
-
-def _html_table(headers: list[str], body: list[list[str]], highlight: int | None = None) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    lines = []
-    for i, row in enumerate(body):
-        cls = ' class="rec"' if i == highlight else ""
-        lines.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(lines)}</tbody></table>"
-
-
 def _sort_key(r: Mapping[str, Any]) -> tuple[Any, ...]:
-    # FP32 first, then by weight bits, activation bits, then the other axes
+    # FP32 first, then by weight bits, activation bits, then the other axes; per-layer (mixed) cells last
     return (
         r.get("weight_bits") is not None or r.get("activation_bits") is not None,
+        bool(r.get("layer_bits")),
         r.get("weight_bits") or 99,
         r.get("activation_bits") or 99,
         str(r.get("granularity")),
@@ -159,6 +136,8 @@ def build_report(
     results: str | os.PathLike[str] | SweepResults,
     output_dir: str | os.PathLike[str] | None = None,
     max_drop: float | None = None,
+    searches: Sequence[str | os.PathLike[str]] = (),
+    search_metric: str = "test",
 ) -> ReportPaths:
     """Write ``report.md``, ``report.html`` and ``figures/*.png|svg`` for a results file.
 
@@ -166,9 +145,13 @@ def build_report(
         results: the results JSONL (or its directory, or an already read :class:`SweepResults`).
         output_dir: where to write; default the results file's directory.
         max_drop: accuracy budget for the recommendation; default the one recorded at sweep time, else 1.0.
+        searches: ``bitsweep search`` output folders (or their search.json) of the swept checkpoint: adds the
+            mixed-precision section (their plans against the uniform grid, each plan's per-layer bytes).
+        search_metric: ``test`` or ``val``: the top-1 of every point in that section.
 
     Raises:
-        BitsweepError: when the results file is missing or not a sweep results file.
+        BitsweepError: when the results file is missing or not a sweep results file, or a search is
+            unreadable or of another model.
     """
     res = results if isinstance(results, SweepResults) else read_results(results)
     out = Path(output_dir) if output_dir is not None else res.path.parent
@@ -185,10 +168,13 @@ def build_report(
         else None
     )
     rec_row = rec.row if rec is not None else None
+    identity = header.get("identity", {})
+    section = search_section(rows, read_searches(searches), search_metric, identity) if searches else None
 
     figs = {
         "heatmap": heatmap_figure(rows, baseline=None if baseline is None else baseline.get("val_top1")),
         "pareto": pareto_figure(rows, front, rec_row),
+        **(section.figures if section is not None else {}),
     }
     fig_dir = out / "figures"
     written: list[Path] = []
@@ -200,7 +186,6 @@ def build_report(
                 tmp.write_bytes(blob)
             written.append(path)
 
-    identity = header.get("identity", {})
     env = header.get("environment", {})
     model = f"{identity.get('model', 'model')} x{identity.get('width', '?')}"
     title = f"bitsweep report: {model} on {identity.get('dataset', '?')} ({checkpoint_name(header.get('checkpoint'))})"
@@ -217,14 +202,14 @@ def build_report(
     md += ["## Accuracy by bit width", "", "![W x A validation accuracy heatmap](figures/heatmap.png)", ""]
     md += ["## Accuracy vs size", "", "![accuracy vs size with the Pareto front](figures/pareto.png)", ""]
     md += ["### Pareto front (validation top-1 vs packed size)", "", _md_table(fheaders, fbody), ""]
+    md += section.markdown if section is not None else []
     md += ["## Every cell", "", _md_table(headers, body), ""]
     md += ["## Sweep", "", "```json", json.dumps(meta, indent=2, default=str), "```", ""]
     md += ["## Environment (recorded at sweep time)", "", "```json", json.dumps(env, indent=2, default=str), "```", ""]
     md_path = write_text_atomic(out / "report.md", "\n".join(md))
 
     def img(name: str, alt: str) -> str:
-        data = base64.b64encode(figs[name]["png"]).decode("ascii")
-        return f'<img id="{name}" alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+        return html_img(name, figs[name]["png"], alt)
 
     rec_html = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rec_lines)
     page = f"""<!DOCTYPE html>
@@ -234,7 +219,7 @@ body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px;
 table {{ border-collapse: collapse; margin: 1em 0; font-size: 0.85em; }}
 th, td {{ border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: right; }}
 th {{ background: #f3f3f3; }} #recommendation th {{ text-align: left; }} #recommendation td {{ text-align: left; }}
-tr.rec td {{ background: #fff3b0; font-weight: bold; }}
+tr.rec td {{ background: #fff3b0; font-weight: bold; }} tr.total td {{ font-weight: bold; }}
 img {{ max-width: 100%; }} pre {{ background: #f6f6f6; padding: 1em; overflow-x: auto; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
@@ -246,6 +231,7 @@ img {{ max-width: 100%; }} pre {{ background: #f6f6f6; padding: 1em; overflow-x:
 {img("pareto", "accuracy vs size with the Pareto front")}
 <h3>Pareto front (validation top-1 vs packed size)</h3>
 {_html_table(fheaders, fbody)}
+{section.html if section is not None else ""}
 <h2>Every cell</h2>
 {_html_table(headers, body, highlight)}
 <h2>Sweep</h2>
@@ -255,4 +241,4 @@ img {{ max-width: 100%; }} pre {{ background: #f6f6f6; padding: 1em; overflow-x:
 </body></html>
 """
     html_path = write_text_atomic(out / "report.html", page)
-    return ReportPaths(markdown=md_path, html=html_path, figures=tuple(written), recommendation=rec)
+    return ReportPaths(markdown=md_path, html=html_path, figures=tuple(written), recommendation=rec, search=section)

@@ -50,8 +50,10 @@ def group_label(key: tuple[Any, ...]) -> str:
             continue  # a newer axis at its default (e.g. method rtn) says nothing
         if name == "symmetric":
             parts.append("symmetric" if value else "asymmetric")
-        elif name == "checkpoint":
+        elif name in ("checkpoint", "layer_bits"):
             parts.append(f"from {checkpoint_tag(str(value))}")
+        elif name == "per_layer":
+            continue  # the plan's bits; its file (layer_bits) names it
         else:
             parts.append(str(value))
     return ", ".join(parts)
@@ -62,10 +64,17 @@ def heatmap_figure(
 ) -> dict[str, bytes]:
     """Heatmap of ``metric`` over weight bits (rows) x activation bits (columns), one panel per group.
 
+    Per-layer (mixed) cells are left out: they have no single weight bit width to sit at; the
+    accuracy-vs-size figure and the tables show them.
+
     Returns:
         ``{"png": bytes, "svg": bytes}``.
     """
-    quant = [r for r in rows if r.get("weight_bits") is not None and r.get("activation_bits") is not None]
+    quant = [
+        r
+        for r in rows
+        if r.get("weight_bits") is not None and r.get("activation_bits") is not None and not r.get("layer_bits")
+    ]
     groups: dict[tuple[Any, ...], list[Mapping[str, Any]]] = {}
     for r in quant:
         groups.setdefault(group_key(r), []).append(r)
@@ -121,6 +130,20 @@ def pareto_figure(
     pts = [r for r in rows if r.get(size_key) is not None and r.get(acc_key) is not None]
     quant = [r for r in pts if not (r.get("weight_bits") is None and r.get("activation_bits") is None)]
     base = [r for r in pts if r.get("weight_bits") is None and r.get("activation_bits") is None]
+    mixed = [r for r in quant if r.get("layer_bits")]
+    quant = [r for r in quant if not r.get("layer_bits")]
+    if mixed:
+        ax.scatter(
+            [float(r[size_key]) / 1e6 for r in mixed],
+            [float(r[acc_key]) for r in mixed],
+            marker="D",
+            s=40,
+            facecolor="none",
+            edgecolor="tab:red",
+            linewidths=1.5,
+            zorder=4,
+            label="per-layer bits (--layer-bits)",
+        )
     if quant:
         ax.scatter(
             [float(r[size_key]) / 1e6 for r in quant],

@@ -6,13 +6,14 @@ padded with spaces to a multiple of 8, then the tensor bytes. So its size is
     8 + pad8(len(header JSON)) + payload
 
 * payload: per weight layer ``ceil(numel * bits / 8)`` bytes of integers (each layer
-  starts on a byte boundary), float32 scales (one per channel), int32 zero points
-  (asymmetric layers only), float32 biases; per activation quantizer a float32 scale
+  starts on a byte boundary), scales (one per channel), int32 zero points
+  (asymmetric layers only), biases (scales and biases float32, or float16 under
+  ``QuantConfig.scale_dtype`` ``float16``); per activation quantizer a float32 scale
   and an int32 zero point; any state kept in float. Only the integers depend on bits.
 * header JSON: per tensor its dtype, shape and data offsets, plus the metadata
   ``bitsweep`` (our JSON, embedded as a string, so every ``"`` costs two bytes) and a
   64-hex-digit ``sha256``. Bits reach the header three ways: the QuantConfig's
-  overrides (one per named layer, so a 16-bit layer costs one digit more than an
+  overrides (one per named layer, written without null fields, so a 16-bit layer costs one digit more than an
   8-bit one), the list of distinct quantizer ``specs`` (a bit width used by any layer
   adds one spec entry, about 120 bytes, once), and the digits of the integer tensor's
   length and offsets.
@@ -20,7 +21,9 @@ padded with spaces to a multiple of 8, then the tensor bytes. So its size is
 :func:`packed_size` rebuilds that header exactly (the same JSON the writer makes; the
 tensor order and dtype names come from safetensors itself), so it equals the file.
 :func:`byte_table` splits the size into what the solver can add up: a constant, a
-cost per (layer, bits) and a once-only cost per spec. What is left (padding to 8 and
+cost per (layer, bits), a cost per (activation site, bits) when activation bits are
+searched (they change only the header: the site's override and which spec
+entries exist) and a once-only cost per spec. What is left (padding to 8 and
 digit-count changes) is at most a few bytes; the caller checks the chosen plan with
 :func:`packed_size` and tightens the budget by any overshoot.
 """
@@ -37,13 +40,13 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from bitsweep.artifacts.packed import FORMAT, VERSION, PackedMeta
+from bitsweep.artifacts.packed import FORMAT, VERSION, PackedMeta, quant_config_entry, scale_storage
 from bitsweep.config import to_dict
 from bitsweep.errors import BitsweepError
-from bitsweep.quant import QuantConfig, QuantSpec
+from bitsweep.quant import LayerOverride, QuantConfig, QuantSpec
 from bitsweep.quant.bitpack import packed_nbytes
 from bitsweep.quant.inspect import activation_quantizers, other_state, weight_layers
-from bitsweep.search.layer_bits import LayerBits, activation_key
+from bitsweep.search.layer_bits import LayerBits, activation_key, exact_pattern
 
 SHA256_HEX = 64
 
@@ -148,14 +151,15 @@ def packed_size(layout: PackedLayout, config: QuantConfig) -> PackedSize:
         biases += layer.shape[0] if layer.bias else 0
         layer_meta.append([layer.name, _index(specs, spec), list(layer.shape), layer.bias, count])
     act_meta = [[n, _index(specs, activation_spec_of(config, key, neg))] for n, key, neg in layout.activations]
+    stored = scale_storage(config)  # float32, or float16 under scale_dtype float16
     shapes: dict[str, tuple[torch.dtype, list[int]]] = {
         "weights.packed": (torch.uint8, [packed]),
-        "weights.scale": (torch.float32, [scales]),
+        "weights.scale": (stored, [scales]),
     }
     if zps:
         shapes["weights.zero_point"] = (torch.int32, [zps])
     if biases:
-        shapes["biases"] = (torch.float32, [biases])
+        shapes["biases"] = (stored, [biases])
     if layout.activations:
         shapes["activations.scale"] = (torch.float32, [len(layout.activations)])
         shapes["activations.zero_point"] = (torch.int32, [len(layout.activations)])
@@ -165,7 +169,7 @@ def packed_size(layout: PackedLayout, config: QuantConfig) -> PackedSize:
         "format": FORMAT,
         "version": VERSION,
         "model": layout.record,
-        "quant_config": to_dict(config),
+        "quant_config": quant_config_entry(config),
         "specs": specs,
         "weight_layers": layer_meta,
         "activation_quantizers": act_meta,
@@ -194,14 +198,18 @@ def escaped_len(obj: object) -> int:
 class ByteTable:
     """The packed size as a sum the solver can optimize exactly (up to the residual in the module docstring).
 
-    ``bytes(plan) = constant + sum(weights[layer][bits]) + sum(specs[s] for s in specs used)``.
+    ``bytes(plan) = constant + sum(weights[layer][bits]) + sum(activations[site][bits])
+    + sum(specs[s] for s in specs used)``.
 
     Attributes:
         constant: everything no choice changes.
         weights: layer -> bits -> integer bytes plus the digits of the bits in the layer's override.
         specs: spec label (``w4``, ``a8s``, ``a8u``) -> header bytes of its entry, paid once.
         weight_labels: bits -> the spec label a weight layer at these bits uses.
-        activation_labels: labels the activation sites use (always paid: activation bits are fixed here).
+        activation_labels: labels always paid: those of the fixed activation bits (empty when searched).
+        activations: site -> bits -> header bytes of the site's override (searched bits only; 0 at the
+            default; the payload, one scale and zero point per quantizer, does not depend on bits).
+        site_labels: site -> bits -> the spec labels its quantizers use at these bits (searched bits only).
     """
 
     constant: int
@@ -209,38 +217,93 @@ class ByteTable:
     specs: Mapping[str, int]
     weight_labels: Mapping[int, str]
     activation_labels: tuple[str, ...]
+    activations: Mapping[str, Mapping[int, int]] = field(default_factory=dict)
+    site_labels: Mapping[str, Mapping[int, tuple[str, ...]]] = field(default_factory=dict)
 
-    def additive_bytes(self, weight_bits: Mapping[str, int]) -> int:
-        """The table's estimate for one weight-bit choice per layer."""
+    def additive_bytes(self, weight_bits: Mapping[str, int], activation_bits: Mapping[str, int] | None = None) -> int:
+        """The table's estimate for one weight-bit choice per layer (and one per site when searched)."""
+        acts = activation_bits or {}
         labels = {self.weight_labels[b] for b in weight_bits.values()} | set(self.activation_labels)
+        labels.update(label for site, b in acts.items() for label in self.site_labels[site][b])
         return (
-            self.constant + sum(self.weights[n][b] for n, b in weight_bits.items()) + sum(self.specs[s] for s in labels)
+            self.constant
+            + sum(self.weights[n][b] for n, b in weight_bits.items())
+            + sum(self.activations[site][b] for site, b in acts.items())
+            + sum(self.specs[s] for s in labels)
         )
 
 
+def _activation_label(spec: QuantSpec) -> str:
+    return f"a{spec.bits}{'s' if spec.signed else 'u'}"
+
+
+def _override_len(name: str, weight_bits: int | None, activation_bits: int | None) -> int:
+    """Header bytes of the plan's override entry for ``name``, as ``quant_config_entry`` writes it."""
+    override = LayerOverride(exact_pattern(name), weight_bits=weight_bits, activation_bits=activation_bits)
+    return escaped_len(quant_config_entry(QuantConfig(overrides=(override,)))["overrides"][0])
+
+
+def site_costs(layout: PackedLayout, activation_bits: Iterable[int], weight_bits: int = 8) -> dict[str, dict[int, int]]:
+    """Site -> bits -> header bytes the site's override adds, the highest bits being the plan's default (0).
+
+    A site below the default is listed in the plan: a site of its own adds an override entry and a
+    comma; a site named like a weight layer (always listed) adds only its ``activation_bits`` field.
+    The entry's other fields do not depend on the site's bits, so this is exact and additive.
+    """
+    a_bits = sorted(set(activation_bits))
+    layers = {ly.name for ly in layout.weights}
+    out: dict[str, dict[int, int]] = {}
+    for key in dict.fromkeys(k for _, k, _ in layout.activations):
+        if key in layers:  # the weight layer's entry is there anyway: only the field is added
+            listed = {a: _override_len(key, weight_bits, a) - _override_len(key, weight_bits, None) for a in a_bits}
+        else:  # a new entry, and the comma before it
+            listed = {a: _override_len(key, None, a) + 1 for a in a_bits}
+        out[key] = {a: 0 if a == a_bits[-1] else listed[a] for a in a_bits}
+    return out
+
+
 def byte_table(
-    layout: PackedLayout, base: QuantConfig, weight_bits: Iterable[int], activation_bits: int = 8
+    layout: PackedLayout, base: QuantConfig, weight_bits: Iterable[int], activation_bits: int | Iterable[int] = 8
 ) -> ByteTable:
     """Per-option byte costs for explicit plans (:meth:`LayerBits.explicit`: every weight layer listed).
 
-    The constant is calibrated so the table is exact for the all-highest-bits plan.
+    One activation bit width fixes every site (the plan lists no site); several are searched, the
+    highest is the plan's default and a site below it is listed (:func:`site_costs`), so its override
+    and the spec entries in use are what change with the choice. The constant is calibrated so the
+    table is exact for the all-highest-bits plan.
     """
     bits = sorted(set(weight_bits))
     if not bits:
         raise BitsweepError("give at least one candidate weight bit width")
-    w_spec = {b: weight_spec_of(LayerBits(b, activation_bits).to_quant_config(base), "") for b in bits}
-    a_cfg = LayerBits(bits[-1], activation_bits).to_quant_config(base)
-    a_spec = {key: activation_spec_of(a_cfg, key, neg) for _, key, neg in layout.activations}
+    a_bits = sorted({activation_bits} if isinstance(activation_bits, int) else set(activation_bits))
+    if not a_bits:
+        raise BitsweepError("give at least one candidate activation bit width")
+    sites = dict.fromkeys(key for _, key, _ in layout.activations)
+    searched = len(a_bits) > 1
+    w_spec = {b: weight_spec_of(LayerBits(b, a_bits[-1]).to_quant_config(base), "") for b in bits}
     labels = {b: f"w{b}" for b in bits}
-    act_labels = {f"a{s.bits}{'s' if s.signed else 'u'}": s for s in a_spec.values()}
     specs = {labels[b]: escaped_len(to_dict(w_spec[b])) + 1 for b in bits}  # + 1: the comma between entries
-    specs.update({k: escaped_len(to_dict(s)) + 1 for k, s in act_labels.items()})
+    site_labels: dict[str, dict[int, set[str]]] = {site: {} for site in sites}
+    for a in a_bits:  # the spec each quantizer gets with every site at ``a`` bits (base overrides respected)
+        listed = dict.fromkeys(sites, a) if a != a_bits[-1] else {}
+        a_cfg = LayerBits.explicit({}, a_bits[-1], listed).to_quant_config(base)
+        for _, key, neg in layout.activations:
+            spec = activation_spec_of(a_cfg, key, neg)
+            specs[_activation_label(spec)] = escaped_len(to_dict(spec)) + 1
+            site_labels[key].setdefault(a, set()).add(_activation_label(spec))
     table = {
         layer.name: {b: packed_nbytes(layer.numel, 1 if w_spec[b].binary else b) + len(str(b)) for b in bits}
         for layer in layout.weights
     }
-    top = LayerBits.explicit({ly.name: bits[-1] for ly in layout.weights}, activation_bits)
+    top_acts = dict.fromkeys(sites, a_bits[-1]) if searched else None
+    top = LayerBits.explicit({ly.name: bits[-1] for ly in layout.weights}, a_bits[-1])  # no site below the default
     exact = packed_size(layout, top.to_quant_config(base)).file_bytes
-    partial = ByteTable(0, table, specs, labels, tuple(act_labels))
-    constant = exact - partial.additive_bytes(dict(top.weights))
+    fixed = () if searched else tuple(sorted(set().union(*(ls[a_bits[0]] for ls in site_labels.values()))))
+    partial = ByteTable(
+        0, table, specs, labels, fixed,
+        site_costs(layout, a_bits) if searched else {},
+        {site: {a: tuple(sorted(ls)) for a, ls in by_bits.items()} for site, by_bits in site_labels.items()}
+        if searched else {},
+    )  # fmt: skip
+    constant = exact - partial.additive_bytes(dict(top.weights), top_acts)
     return dataclasses.replace(partial, constant=constant)

@@ -41,10 +41,11 @@ from bitsweep.errors import BitsweepError
 from bitsweep.io import write_text_atomic
 from bitsweep.quant import LayerOverride, QuantConfig, quantize_
 from bitsweep.quant.inspect import activation_quantizers, weight_layers
+from bitsweep.quant.scale_dtype import check_scale_dtype
 
 FORMAT = "bitsweep-layer-bits"
 VERSION = 1
-_KEYS = {"format", "version", "weight_bits", "activation_bits", "weights", "activations"}
+_KEYS = {"format", "version", "weight_bits", "activation_bits", "weights", "activations", "scale_dtype"}
 _SUFFIX = re.compile(r"\.(input_quantizer|output_quantizer|input_quantizers\.\d+)$")
 
 
@@ -110,18 +111,24 @@ class LayerBits:
         activation_bits: bits of every activation site not listed in ``activations``.
         weights: weight layer name -> bits.
         activations: activation site name -> bits (see the module docstring for the names).
+        scale_dtype: how the packed file stores weight scales and biases (``float32`` or ``float16``,
+            see ``QuantConfig.scale_dtype``); None leaves it to the base config. The search writes it,
+            since the sizes it chose for were measured with it.
     """
 
     weight_bits: int = 8
     activation_bits: int = 8
     weights: Mapping[str, int] = field(default_factory=dict)
     activations: Mapping[str, int] = field(default_factory=dict)
+    scale_dtype: str | None = None
 
     def __post_init__(self) -> None:
         _bits(self.weight_bits, "weight_bits")
         _bits(self.activation_bits, "activation_bits")
         object.__setattr__(self, "weights", _bit_map(self.weights, "weights"))
         object.__setattr__(self, "activations", _bit_map(self.activations, "activations"))
+        if self.scale_dtype is not None:
+            check_scale_dtype(self.scale_dtype)
 
     def weight_bits_of(self, name: str) -> int:
         """Bits of weight layer ``name``."""
@@ -149,8 +156,9 @@ class LayerBits:
     def to_quant_config(self, base: QuantConfig | None = None) -> QuantConfig:
         """The QuantConfig that quantizes exactly as planned.
 
-        ``base`` supplies everything but bit widths (observers, granularity, method); its own
-        overrides come after the plan's, so the plan's exact names win.
+        ``base`` supplies everything but bit widths (observers, granularity, method, and the
+        scale dtype unless the plan names one); its own overrides come after the plan's, so the
+        plan's exact names win.
         """
         base = base or QuantConfig()
         if base.weight is None or base.activation is None:
@@ -163,7 +171,8 @@ class LayerBits:
             LayerOverride(exact_pattern(n), weight_bits=self.weights.get(n), activation_bits=self.activations.get(n))
             for n in dict.fromkeys([*self.weights, *self.activations])
         ]
-        return dataclasses.replace(base, weight=w, activation=a, overrides=(*overrides, *base.overrides))
+        return dataclasses.replace(base, weight=w, activation=a, overrides=(*overrides, *base.overrides),
+                                   scale_dtype=self.scale_dtype or base.scale_dtype)  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         """The YAML/JSON form."""
@@ -174,6 +183,7 @@ class LayerBits:
             "activation_bits": self.activation_bits,
             "weights": dict(self.weights),
             "activations": dict(self.activations),
+            **({} if self.scale_dtype is None else {"scale_dtype": self.scale_dtype}),
         }
 
     @classmethod
@@ -193,19 +203,24 @@ class LayerBits:
             activation_bits=data.get("activation_bits", 8),
             weights=data.get("weights") or {},
             activations=data.get("activations") or {},
+            scale_dtype=data.get("scale_dtype"),
         )
         if names is not None:
             plan.check_names(names)
         return plan
 
     @classmethod
-    def explicit(cls, weights: Mapping[str, int], activation_bits: int = 8) -> LayerBits:
-        """A plan that lists every weight layer, the form the search writes.
+    def explicit(
+        cls, weights: Mapping[str, int], activation_bits: int = 8, activations: Mapping[str, int] | None = None
+    ) -> LayerBits:
+        """A plan that lists every weight layer (and every activation site when their bits are searched),
+        the form the search writes.
 
-        The defaults are fixed (8 bits) rather than derived from the choice, so the header's
-        size changes only with the listed bits and stays a sum the solver can optimize.
+        The defaults are fixed (8-bit weights, the given activation bits) rather than derived from the
+        choice, so the header's size changes only with the listed bits and stays a sum the solver can optimize.
         """
-        return cls(weight_bits=8, activation_bits=activation_bits, weights=dict(weights))
+        return cls(weight_bits=8, activation_bits=activation_bits, weights=dict(weights),
+                   activations=dict(activations or {}))  # fmt: skip
 
 
 def save_layer_bits(plan: LayerBits, path: str | Path) -> Path:

@@ -26,6 +26,7 @@ on the final plan and reported.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import tempfile
@@ -46,10 +47,12 @@ from bitsweep.errors import BitsweepError
 from bitsweep.io import write_json_atomic
 from bitsweep.measure.size import fp32_file_bytes
 from bitsweep.quant import QuantConfig, fold_batchnorm, ptq
-from bitsweep.quant.inspect import weight_layers
-from bitsweep.search.api import SearchResult, search
-from bitsweep.search.layer_bits import LayerBits
-from bitsweep.search.sensitivity import Sensitivity, Trial, measure_sensitivity
+from bitsweep.quant.inspect import activation_quantizers, weight_layers
+from bitsweep.search.activation_memory import activation_numels, allowed_bits
+from bitsweep.search.api import SearchResult, check_estimate, search
+from bitsweep.search.hessian import HessianConfig, HessianSensitivity, measure_hessian
+from bitsweep.search.layer_bits import LayerBits, activation_key
+from bitsweep.search.sensitivity import Sensitivity, Trial, measure_activation_sensitivity, measure_sensitivity
 from bitsweep.sweep.evaluate import accuracy
 
 CACHE_FORMAT = "bitsweep-sensitivity"
@@ -64,11 +67,12 @@ class Round:
 
     Attributes:
         budget: what the solver was given: summed predicted drop (points) or packed bytes.
-        predicted_drop: the plan's summed single-layer drops.
+        predicted_drop: the plan's summed single-layer drops (points; a loss increase with the Hessian estimate).
         predicted_bytes: the plan's exact packed size.
         val_top1: measured validation top-1 of the quantized plan (percent).
         val_drop: FP32 validation top-1 minus ``val_top1`` (points).
         weight_bits: layer -> bits of the plan.
+        activation_bits: every site -> its bits in the plan (only when activation bits are searched).
     """
 
     budget: float
@@ -77,6 +81,7 @@ class Round:
     val_top1: float
     val_drop: float
     weight_bits: Mapping[str, int]
+    activation_bits: Mapping[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -87,6 +92,7 @@ class Round:
             "val_top1": self.val_top1,
             "val_drop": self.val_drop,
             "weight_bits": dict(self.weight_bits),
+            **({"activation_bits": dict(self.activation_bits)} if self.activation_bits else {}),
         }
 
 
@@ -107,8 +113,12 @@ class ValidatedPlan:
         rounds: each solve and its check, in order.
         met: the final plan's measured drop is within ``max_drop`` (always True for a size budget).
         simulation: how the accuracy was computed (``integer-exact``, ``integer`` or ``fake-quant: ...``).
-        sensitivity: the per-layer measurement the solver used.
+        sensitivity: the per-layer measurement (or Hessian estimate) the solver used.
         notes: what the loop did and why, in words.
+        activation_bits: every activation site -> its bits in the plan.
+        peak_activation_bytes / peak_activation_site: the plan's largest activation tensor for one image
+            (:mod:`bitsweep.search.activation_memory`) and where it is.
+        max_activation_bytes: the peak activation-memory budget the caller gave (None: none).
     """
 
     plan: LayerBits
@@ -127,8 +137,12 @@ class ValidatedPlan:
     rounds: tuple[Round, ...]
     met: bool
     simulation: str
-    sensitivity: Sensitivity
+    sensitivity: Sensitivity | HessianSensitivity
     notes: tuple[str, ...] = field(default_factory=tuple)
+    activation_bits: Mapping[str, int] = field(default_factory=dict)
+    peak_activation_bytes: int = 0
+    peak_activation_site: str = ""
+    max_activation_bytes: int | None = None
 
     @property
     def val_drop(self) -> float:
@@ -161,9 +175,15 @@ class ValidatedPlan:
             "test_drop": None if self.test_top1 is None or self.fp32_test_top1 is None
             else self.fp32_test_top1 - self.test_top1,
             "met": self.met,
+            "activation_bits_per_site": dict(self.activation_bits),
+            "peak_activation_bytes": self.peak_activation_bytes,
+            "peak_activation_site": self.peak_activation_site,
+            "max_activation_bytes": self.max_activation_bytes,
             "rounds": [r.to_dict() for r in self.rounds],
             "simulation": self.simulation,
             "sensitivity_images": self.sensitivity.images,
+            "sensitivity_estimate": "hessian" if isinstance(self.sensitivity, HessianSensitivity) else "measured",
+            **({"hessian": self.sensitivity.to_dict()} if isinstance(self.sensitivity, HessianSensitivity) else {}),
             "notes": list(self.notes),
         }  # fmt: skip
 
@@ -229,11 +249,14 @@ def search_validated(
     max_ratio: float | None = None,
     max_drop: float | None = None,
     weight_bits: Sequence[int] = (2, 3, 4, 5, 6, 8),
-    activation_bits: int = 8,
+    activation_bits: int | Sequence[int] = 8,
+    max_activation_bytes: int | None = None,
     base: QuantConfig | None = None,
     extra: Mapping[str, Any] | None = None,
-    sensitivity: Sensitivity | None = None,
+    sensitivity: Sensitivity | HessianSensitivity | None = None,
     sensitivity_cache: tuple[Path, Mapping[str, Any]] | None = None,
+    estimate: str = "measured",
+    hessian: HessianConfig | None = None,
     calibration_batches: int | None = None,
     method_options: Mapping[str, Any] | None = None,
     max_rounds: int = 3,
@@ -253,12 +276,19 @@ def search_validated(
         max_bytes / max_ratio / max_drop: exactly one budget: packed bytes, times smaller than the FP32
             file (``fp32_bytes / max_ratio`` bytes), or measured validation top-1 points below FP32.
         weight_bits: candidate weight bit widths.
-        activation_bits: bits of every activation site.
+        activation_bits: bits of every activation site, or several candidates to choose from per site
+            (measured one site at a time, like the weights).
+        max_activation_bytes: peak activation memory: no activation tensor of one image may take more
+            bytes; checked before any measurement (:mod:`bitsweep.search.activation_memory`).
         base: observers, granularity, method (default ``QuantConfig()``).
         extra: the packed file's ``extra`` (part of its header, so fixed before the search).
         sensitivity: a measurement to reuse.
         sensitivity_cache: (path, key): reuse the file's measurement when its key matches, else measure
-            and write it there at once (before solving, so a failed budget keeps it).
+            and write it there at once (before solving, so a failed budget keeps it). With the Hessian
+            estimate it holds the traces (:func:`~bitsweep.search.hessian.save_cached_traces`).
+        estimate: ``measured`` single-layer drops, or the ``hessian`` estimate (size budgets only: it
+            predicts a loss increase, not points; see :mod:`bitsweep.search.hessian`).
+        hessian: samples, images and seed of the Hessian estimate (default ``HessianConfig()``).
         calibration_batches: calibrate on at most this many batches.
         method_options: ``ptq`` options of the learned methods.
         max_rounds: solves at most (drop budgets only; 1 = no retry).
@@ -268,7 +298,8 @@ def search_validated(
         progress: show progress bars.
 
     Raises:
-        BitsweepError: no budget or several, a non-positive budget, or a size no plan reaches.
+        BitsweepError: no budget or several, a non-positive budget, or a size or activation-memory
+            budget no plan reaches.
     """
     if sum(b is not None for b in (max_bytes, max_ratio, max_drop)) != 1:
         raise BitsweepError("give exactly one budget: a size (max_bytes or max_ratio) or an accuracy drop (max_drop)")
@@ -281,21 +312,37 @@ def search_validated(
         raise BitsweepError(f"the drop budget must be a finite number of points >= 0, got {max_drop}")
     base = base or QuantConfig()
     bits = tuple(sorted(set(weight_bits)))
+    a_bits = tuple(sorted({activation_bits} if isinstance(activation_bits, int) else set(activation_bits)))
+    check_estimate(estimate, sensitivity, max_drop is not None, len(a_bits) > 1)
     calib = list(calibration)  # read once: every round quantizes from the same images and statistics
-    reference = ptq(copy.deepcopy(model).eval(), LayerBits(8, activation_bits).to_quant_config(base), calib,
+    reference = ptq(copy.deepcopy(model).eval(), LayerBits(8, max(a_bits)).to_quant_config(base), calib,
                     num_batches=calibration_batches)  # fmt: skip
     stats = reference.stats
+    numels = activation_numels(reference.model, record)
+    allowed_bits(numels, a_bits, max_activation_bytes)  # refuse an impossible peak before any measurement
     fp32_bytes = fp32_file_bytes(reference.model)  # the sweep's FP32 reference size (BN folded, float32)
     if max_ratio is not None:
         max_bytes = math.floor(fp32_bytes / max_ratio)
-    common: dict[str, Any] = dict(weight_bits=bits, activation_bits=activation_bits, record=record, base=base,
-                                  extra=extra, stats=stats, progress=progress)  # fmt: skip
+    common: dict[str, Any] = dict(weight_bits=bits, activation_bits=a_bits, record=record, base=base, extra=extra,
+                                  stats=stats, max_activation_bytes=max_activation_bytes,
+                                  progress=progress)  # fmt: skip
     if max_bytes is not None:  # refuse an impossible size before minutes of sensitivity measurement
-        search(model, calib, [], max_bytes=max_bytes, sensitivity=_zero_sensitivity(reference.model, bits), **common)
+        zero = _zero_sensitivity(reference.model, bits, a_bits)
+        search(model, calib, [], max_bytes=max_bytes, sensitivity=zero, **common)
+    if sensitivity is None and estimate == "hessian":
+        sensitivity = measure_hessian(model, batches_of(val, batch_size), bits, hessian, base=base,
+                                      cache=sensitivity_cache, progress=progress)  # fmt: skip
     if sensitivity is None and sensitivity_cache is not None:
         sensitivity = load_cached_sensitivity(*sensitivity_cache)
+        if sensitivity is not None and len(a_bits) > 1 and not sensitivity.has_activations(numels, a_bits):
+            sensitivity = None  # a record without these activation trials: measure again rather than misread it
     if sensitivity is None:
         sensitivity = measure_sensitivity(model, batches_of(val, batch_size), bits, base=base, progress=progress)
+        if len(a_bits) > 1:
+            acts = measure_activation_sensitivity(model, batches_of(val, batch_size), calib, a_bits, base=base,
+                                                  sites=tuple(numels), calibration_batches=calibration_batches,
+                                                  progress=progress)  # fmt: skip
+            sensitivity = dataclasses.replace(sensitivity, activation_trials=acts)
         if sensitivity_cache is not None:
             save_cached_sensitivity(sensitivity_cache[0], sensitivity_cache[1], sensitivity)
     fp32_val = float_top1(model, val, batch_size)
@@ -325,8 +372,9 @@ def search_validated(
         notes.extend(result.notes)
         qmodel = quantize(result.config)
         val_top1, simulation = integer_top1(qmodel, val, batch_size, runner)
+        per_site = {s: result.plan.activation_bits_of(s) for s in numels} if len(a_bits) > 1 else {}
         rounds.append(Round(budget, result.predicted_drop, result.predicted_bytes, val_top1, fp32_val - val_top1,
-                            dict(result.plan.weights)))  # fmt: skip
+                            dict(result.plan.weights), per_site))  # fmt: skip
         bar.update()
         final: tuple[SearchResult, nn.Module, str] = (result, qmodel, simulation)
         measured = fp32_val - val_top1
@@ -364,10 +412,14 @@ def search_validated(
         result.plan, result.config, qmodel, result.predicted_bytes, packed.file_bytes,
         Path(packed_path) if packed_path is not None else None, fp32_bytes, max_bytes, max_drop, fp32_val,
         rounds[-1].val_top1, fp32_test, test_top1, tuple(rounds), met, simulation, sensitivity, tuple(notes),
+        {s: result.plan.activation_bits_of(s) for s in numels}, result.peak_activation_bytes,
+        result.peak_activation_site, max_activation_bytes,
     )  # fmt: skip
 
 
-def _zero_sensitivity(converted: nn.Module, bits: Sequence[int]) -> Sensitivity:
+def _zero_sensitivity(converted: nn.Module, bits: Sequence[int], activation_bits: Sequence[int] = ()) -> Sensitivity:
     """A stand-in with every drop 0, so ``search`` can check a byte budget before anything is measured."""
     trials = tuple(Trial(name, b, 0.0, 0.0) for name, _ in weight_layers(converted) for b in bits)
-    return Sensitivity(0.0, 0.0, 0, trials)
+    sites = dict.fromkeys(activation_key(name) for name, _ in activation_quantizers(converted))
+    acts = tuple(Trial(site, b, 0.0, 0.0) for site in sites for b in activation_bits)
+    return Sensitivity(0.0, 0.0, 0, trials, activation_trials=acts)

@@ -23,7 +23,7 @@ from bitsweep.artifacts.checkpoint import resolve
 from bitsweep.errors import BitsweepError
 from bitsweep.runtime import environment
 from bitsweep.sweep.evaluate import CheckpointEvaluator, EvalSettings, file_sha256, quant_config_for
-from bitsweep.sweep.grid import Cell, expand_grid, spread_compiles
+from bitsweep.sweep.grid import Cell, PerLayerPlan, expand_grid, plan_cell, spread_compiles
 from bitsweep.sweep.pareto import Recommendation, pareto_front, recommend
 from bitsweep.sweep.results import make_header
 from bitsweep.sweep.runner import ExecutorConfig, SweepRun, run_sweep
@@ -61,6 +61,7 @@ def sweep_checkpoint(
     keep_packed: bool = True,
     progress: bool = True,
     quantized: Sequence[str | os.PathLike[str]] = (),
+    layer_bits: Sequence[tuple[str | os.PathLike[str], PerLayerPlan]] = (),
 ) -> SweepOutcome:
     """Sweep the grid ``axes`` over ``checkpoint``; resumes when ``output_dir`` holds an unfinished sweep.
 
@@ -82,12 +83,17 @@ def sweep_checkpoint(
         quantized: quantized checkpoints of the same network (a QAT run's ``quantized.pt``, ``bitsweep
             quantize`` outputs) measured as extra cells against the same FP32 baseline, so the front and
             the recommendation can pick them.
+        layer_bits: (file, plan) pairs of per-layer bit widths (``bitsweep.search.load_layer_bits``): each
+            plan is quantized from the float model like the grid's cells, once per combination of the
+            non-bit axes (see :func:`layer_bits_cells`). Check its names first
+            (``load_layer_bits(file, layer_names(model))``); a cell naming a missing layer fails when it runs.
 
     Raises:
         BitsweepError: bad grid, missing checkpoint, a results file from another sweep, a folder
             another sweep is using, ...
     """
     cells = spread_compiles(expand_grid(axes))  # workers start on different compiled graphs
+    cells += [c for path, plan in layer_bits for c in layer_bits_cells(path, plan, axes)]
     for cell in cells:  # reject a bad observer or combination before any worker starts
         if not cell.is_baseline:
             quant_config_for(cell)
@@ -95,6 +101,7 @@ def sweep_checkpoint(
     state = load_checkpoint(Path(checkpoint))
     info = checkpoint_info(state)
     cells += [checkpoint_cell(path, info.record) for path in quantized]
+    cells = list({c.cell_id: c for c in cells}.values())  # a file given twice is one cell
     ckpt_path = Path(checkpoint)
     ckpt_path = resolve(ckpt_path)
     del state
@@ -167,6 +174,21 @@ def checkpoint_cell(path: str | os.PathLike[str], record: ModelRecord) -> Cell:
         method=config.method,
         checkpoint=str(loaded.path.resolve()),
     )
+
+
+def layer_bits_cells(path: str | os.PathLike[str], plan: PerLayerPlan, axes: Mapping[str, Sequence[Any]]) -> list[Cell]:
+    """The cells of a per-layer plan: one per combination of the grid's non-bit axes (usually one).
+
+    The plan replaces the weight and activation bit axes; granularity, observer, symmetry and method
+    still come from the grid, so the plan is quantized exactly like the uniform cells beside it.
+
+    >>> class P:
+    ...     weight_bits, activation_bits, weights, activations = 8, 8, {"fc": 2}, {}
+    >>> [c.label for c in layer_bits_cells("/s/plan.yaml", P(), {"weight_bits": [2, 4], "observer": ["minmax", "mse"]})]
+    ['mixed per_channel minmax from s/plan.yaml', 'mixed per_channel mse from s/plan.yaml']
+    """
+    others = {k: v for k, v in axes.items() if k not in ("weight_bits", "activation_bits")}
+    return [plan_cell(path, plan, like) for like in expand_grid(others, include_baseline=False)]
 
 
 def format_front(front: Sequence[Mapping[str, Any]]) -> str:

@@ -24,6 +24,7 @@ import copy
 import dataclasses
 import hashlib
 import math
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,7 @@ from bitsweep.data import load_dataset
 from bitsweep.errors import BitsweepError
 from bitsweep.measure.activations import activation_memory
 from bitsweep.measure.size import fp32_file_bytes, size_report
-from bitsweep.quant import QuantConfig, fold_batchnorm, ptq
+from bitsweep.quant import LayerOverride, QuantConfig, fold_batchnorm, ptq
 from bitsweep.sweep.grid import Cell
 from bitsweep.training import load_model
 
@@ -108,9 +109,39 @@ def quant_config_for(cell: Cell) -> QuantConfig:
             config = dataclasses.replace(
                 config, weight=dataclasses.replace(config.weight, symmetric=False, narrow_range=False)
             )
+        if cell.per_layer:  # what LayerBits.to_quant_config builds: one exact-name override per listed name
+            weights, activations = cell.per_layer_bits()
+            overrides = tuple(
+                LayerOverride(_exact(n), weight_bits=weights.get(n), activation_bits=activations.get(n))
+                for n in dict.fromkeys([*weights, *activations])
+            )
+            config = dataclasses.replace(config, overrides=(*overrides, *config.overrides))
+            if cell.plan_scale_dtype is not None:
+                config = dataclasses.replace(config, scale_dtype=cell.plan_scale_dtype)
     except ValueError as e:
         raise BitsweepError(f"cell {cell.label}: {e}") from None
     return config
+
+
+def _exact(name: str) -> str:
+    """An fnmatch pattern matching ``name`` only (``search.layer_bits.exact_pattern``; the search sits above)."""
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def check_plan_names(cell: Cell, model: nn.Module) -> None:
+    """Refuse a per-layer cell naming modules ``model`` (quantized as the cell says) does not have.
+
+    ``bitsweep sweep --layer-bits`` checks names before any work; this catches plans handed to the
+    Python API unchecked, whose unknown names would otherwise silently keep the default bits.
+    """
+    weights, activations = cell.per_layer_bits()
+    known = {n for n, _ in model.named_modules()}
+    unknown = [n for n in dict.fromkeys([*weights, *activations]) if n not in known]
+    if unknown:
+        raise BitsweepError(
+            f"cell {cell.label}: the model has no layer named '{unknown[0]}' ({len(unknown)} unknown name(s) in "
+            f"{cell.layer_bits}); check the plan with LayerBits.check_names(layer_names(model))"
+        )
 
 
 def normalize(
@@ -243,6 +274,8 @@ class _Evaluator:
                 model = ptq(model, config, self.calibration, stats=self.stats, options=self._method_options()).model
             except ValueError as e:
                 raise BitsweepError(f"cell {cell.label}: {e}") from None
+            if cell.per_layer:
+                check_plan_names(cell, model)
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # missing from the stubs
         # Accuracy from the integer-exact simulation: what an integer deployment of this cell computes.
         evaluated, simulation = evaluation_model(model, self.val[0][:1], self.runner)

@@ -21,10 +21,11 @@ import difflib
 import hashlib
 import itertools
 import json
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from bitsweep.errors import BitsweepError
 
@@ -56,6 +57,14 @@ class Cell:
         checkpoint: a quantized checkpoint (a QAT run's ``quantized.pt``, a ``bitsweep quantize`` output)
             measured as this cell instead of quantizing the sweep's float model; the other fields then
             describe that checkpoint's recipe. Empty for the cells the sweep quantizes itself.
+        layer_bits: the per-layer bit-width file (``bitsweep search``'s ``layer_bits.yaml``) this cell
+            quantizes with, as an absolute path; it names the cell. ``weight_bits`` and ``activation_bits``
+            are then the plan's defaults (the bits of layers it does not list). Empty for uniform cells.
+        per_layer: the plan's per-layer exceptions as compact JSON, ``{"activations": {name: bits},
+            "weights": {name: bits}}``, plus ``"scale_dtype"`` when the plan names one (:func:`per_layer_json`).
+            The cell carries the plan itself, not just its path, so a worker on another machine needs no
+            file, the results row says exactly what was measured, and an edited file is a new cell rather
+            than a stale resumed one.
     """
 
     weight_bits: int | None = 8
@@ -65,6 +74,8 @@ class Cell:
     symmetric: bool = True
     method: str = "rtn"
     checkpoint: str = ""
+    layer_bits: str = ""
+    per_layer: str = ""
 
     def __post_init__(self) -> None:
         for name in ("weight_bits", "activation_bits"):
@@ -81,6 +92,53 @@ class Cell:
             raise ValueError(f"symmetric must be true or false, got {self.symmetric!r}")
         if not isinstance(self.method, str) or not self.method:
             raise ValueError(f"method must be a rounding method name such as rtn, got {self.method!r}")
+        if bool(self.layer_bits) != bool(self.per_layer):
+            raise ValueError("a per-layer cell needs both layer_bits (its file) and per_layer (its bits)")
+        if self.layer_bits and self.checkpoint:
+            raise ValueError("a cell measures a quantized checkpoint or quantizes with a layer-bits plan, not both")
+        if self.layer_bits and (self.weight_bits is None or self.activation_bits is None):
+            raise ValueError("a per-layer cell needs the plan's default weight_bits and activation_bits")
+        if self.per_layer:
+            self.per_layer_bits()  # validates the JSON
+
+    @property
+    def is_mixed(self) -> bool:
+        """True for a cell quantized with a per-layer plan (``layer_bits``)."""
+        return bool(self.layer_bits)
+
+    def per_layer_bits(self) -> tuple[dict[str, int], dict[str, int]]:
+        """The plan's exceptions: (weight layer -> bits, activation site -> bits); empty for uniform cells.
+
+        >>> Cell(4, 8, layer_bits="/p.yaml", per_layer=per_layer_json({"fc": 8}, {})).per_layer_bits()
+        ({'fc': 8}, {})
+        """
+        if not self.per_layer:
+            return {}, {}
+        try:
+            data = json.loads(self.per_layer)
+        except json.JSONDecodeError:
+            raise ValueError(f"per_layer must be JSON from per_layer_json, got {self.per_layer[:60]!r}") from None
+        extra = set(data) - {"weights", "activations", "scale_dtype"} if isinstance(data, dict) else set()
+        if extra:
+            raise ValueError(f"per_layer has unknown key(s) {', '.join(sorted(extra))}")
+        maps = []
+        for key in ("weights", "activations"):
+            value = data.get(key) if isinstance(data, dict) else None
+            if not isinstance(value, dict) or not all(
+                isinstance(k, str) and isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= 16
+                for k, b in value.items()
+            ):
+                raise ValueError(f"per_layer needs '{key}': a mapping of layer name to bits 1..16")
+            maps.append(dict(value))
+        return maps[0], maps[1]
+
+    @property
+    def plan_scale_dtype(self) -> str | None:
+        """The storage of scales and biases the plan names (``float16``), or None: the recipe's default."""
+        if not self.per_layer:
+            return None
+        value = json.loads(self.per_layer).get("scale_dtype")
+        return None if value is None else str(value)
 
     @property
     def is_baseline(self) -> bool:
@@ -128,6 +186,8 @@ class Cell:
         if self.checkpoint:
             return f"{w}{a} from {checkpoint_tag(self.checkpoint)}"
         extra = ("" if self.symmetric else " asym") + ("" if self.method == "rtn" else f" {self.method}")
+        if self.layer_bits:  # the plan's defaults say little (a searched plan lists every layer): name the file
+            return f"mixed {self.granularity} {self.observer}{extra} from {checkpoint_tag(self.layer_bits)}"
         return f"{w}{a} {self.granularity} {self.observer}{extra}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -145,6 +205,58 @@ class Cell:
 
 
 AXES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Cell))
+
+
+class PerLayerPlan(Protocol):
+    """What a per-layer plan offers to become a cell; :class:`bitsweep.search.LayerBits` is one.
+
+    A protocol rather than an import: the search package sits above the sweep. An optional
+    ``scale_dtype`` attribute (``float16``: how the packed file stores scales and biases) is honoured too.
+    """
+
+    @property
+    def weight_bits(self) -> int: ...  # noqa: D102 - the defaults and exceptions of LayerBits
+    @property
+    def activation_bits(self) -> int: ...  # noqa: D102
+    @property
+    def weights(self) -> Mapping[str, int]: ...  # noqa: D102
+    @property
+    def activations(self) -> Mapping[str, int]: ...  # noqa: D102
+
+
+def per_layer_json(weights: Mapping[str, int], activations: Mapping[str, int], scale_dtype: str | None = None) -> str:
+    """A plan's exceptions as compact JSON, names in the plan's order (model order for a searched plan).
+
+    The order is kept, not sorted, so the cell's QuantConfig lists its overrides exactly as
+    ``LayerBits.to_quant_config`` does; the same file always gives the same text, hence the same id.
+    ``scale_dtype`` (how the packed file stores scales and biases) is written only when the plan names it.
+
+    >>> per_layer_json({"b": 2, "a": 4}, {})
+    '{"activations":{},"weights":{"b":2,"a":4}}'
+    """
+    data: dict[str, Any] = {"activations": dict(activations), "weights": dict(weights)}
+    if scale_dtype is not None:
+        data["scale_dtype"] = scale_dtype
+    return json.dumps(data, separators=(",", ":"))
+
+
+def plan_cell(path: str | os.PathLike[str], plan: PerLayerPlan, like: Cell = Cell()) -> Cell:
+    """The cell that quantizes with ``plan`` (read from ``path``), with ``like``'s other axes.
+
+    >>> class P:
+    ...     weight_bits, activation_bits, weights, activations = 8, 8, {"fc": 2}, {}
+    >>> plan_cell("/s/search/layer_bits.yaml", P()).label
+    'mixed per_channel minmax from search/layer_bits.yaml'
+    """
+    return dataclasses.replace(
+        like,
+        weight_bits=plan.weight_bits,
+        activation_bits=plan.activation_bits,
+        checkpoint="",
+        layer_bits=str(Path(path).resolve()),
+        # scale_dtype: LayerBits names one when the search measured its sizes with float16 scales
+        per_layer=per_layer_json(plan.weights, plan.activations, getattr(plan, "scale_dtype", None)),
+    )
 
 
 def checkpoint_tag(path: str) -> str:
