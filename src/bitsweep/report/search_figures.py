@@ -95,8 +95,9 @@ def mixed_front_figure(
         if start is not None:
             ax.annotate("", xy=(x, y), xytext=(run.plan.file_bytes / 1e6, float(start)),
                         arrowprops={"arrowstyle": "->", "color": "tab:green", "lw": 1.2}, zorder=6)  # fmt: skip
-        # left of the star: the uniform front climbs to the right of a plan that beats it
-        ax.annotate(run.finetune.label, (x, y), xytext=(-10, 5), textcoords="offset points", fontsize=7,
+        # left of the star (the uniform front climbs to the right of a plan that beats it), one line higher
+        # per star, since QAT points sit at nearly the same accuracy and their labels would overlap
+        ax.annotate(run.finetune.label, (x, y), xytext=(-10, 5 + 9 * i), textcoords="offset points", fontsize=7,
                     color="tab:green", ha="right")  # fmt: skip
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(mticker.FormatStrFormatter("%g"))
