@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Iterator
 
@@ -39,6 +40,35 @@ def _one_torch_thread() -> Iterator[None]:
 def synthetic_splits() -> DatasetSplits:
     """The synthetic dataset (10 classes, 3x16x16; 500/100/200 images), split with seed 0."""
     return load_dataset(DataConfig(name="synthetic"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def cut_splits(synthetic_splits: DatasetSplits) -> Callable[[int, int, int], DatasetSplits]:
+    """Factory ``cut_splits(train, val, test)``: the first images of each synthetic split, for tests that train."""
+
+    def cut(train: int, val: int, test: int) -> DatasetSplits:
+        s = synthetic_splits
+        return dataclasses.replace(s, train=s.train.subset(slice(0, train)), val=s.val.subset(slice(0, val)),
+                                   test=s.test.subset(slice(0, test)))  # fmt: skip
+
+    return cut
+
+
+class InterruptAfter:
+    """A training callback that raises KeyboardInterrupt after epoch ``after``, like Ctrl-C between epochs."""
+
+    def __init__(self, after: int) -> None:
+        self.after = after
+
+    def __call__(self, epoch: int, row: dict) -> None:
+        if epoch == self.after:
+            raise KeyboardInterrupt
+
+
+@pytest.fixture(scope="session")
+def interrupt_after() -> type[InterruptAfter]:
+    """The :class:`InterruptAfter` callback class (``interrupt_after(1)``), for resume-equality tests."""
+    return InterruptAfter
 
 
 @pytest.fixture(scope="session")

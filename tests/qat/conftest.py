@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bitsweep.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from bitsweep.data import DatasetSplits, load_dataset
+from bitsweep.data import DatasetSplits
 from bitsweep.runtime import torch_threads
 from bitsweep.training import fit
 
@@ -22,21 +22,9 @@ def one_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def qat_splits() -> DatasetSplits:
+def qat_splits(cut_splits) -> DatasetSplits:
     """The synthetic dataset (3x16x16, 10 classes) cut to 128 train / 48 val / 64 test images."""
-    full = load_dataset(DataConfig(name="synthetic"), seed=0)
-    return DatasetSplits(
-        name=full.name,
-        train=full.train.subset(slice(0, 128)),
-        val=full.val.subset(slice(0, 48)),
-        test=full.test.subset(slice(0, 64)),
-        num_classes=full.num_classes,
-        in_channels=full.in_channels,
-        image_size=full.image_size,
-        mean=full.mean,
-        std=full.std,
-        class_names=full.class_names,
-    )
+    return cut_splits(128, 48, 64)
 
 
 @pytest.fixture(scope="session")

@@ -25,17 +25,6 @@ TRAIN = {"epochs": 2, "batch_size": 32, "eval_batch_size": 64, "tensorboard": Fa
 QUANT = QuantConfig.from_bits(4, 4, observer="mse")
 
 
-class Interrupt:
-    """Raises KeyboardInterrupt after the given epoch, like Ctrl-C between epochs."""
-
-    def __init__(self, after: int) -> None:
-        self.after = after
-
-    def __call__(self, epoch: int, row: dict) -> None:
-        if epoch == self.after:
-            raise KeyboardInterrupt
-
-
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory: pytest.TempPathFactory, float_checkpoint: Path, qat_splits: DatasetSplits):
     """One uninterrupted 2-epoch W4A4 LSQ run with distillation, shared by the tests below."""
@@ -95,7 +84,7 @@ def test_the_quantized_checkpoint_packs_with_identical_logits(
 
 
 def test_interrupted_and_resumed_equals_uninterrupted(
-    full_run, float_checkpoint: Path, tmp_path: Path, qat_splits: DatasetSplits
+    full_run, float_checkpoint: Path, tmp_path: Path, qat_splits: DatasetSplits, interrupt_after
 ) -> None:
     run = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
@@ -109,7 +98,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(
             progress=False,
             compile_mode="off",
             evaluate_start=False,
-            callbacks=[Interrupt(after=1)],
+            callbacks=[interrupt_after(1)],
         )
     assert load_checkpoint(run / "last.pt")["epoch"] == 1 and not (run / "quantized.pt").exists()
     resumed = resume_qat(run, splits=qat_splits, progress=False, compile_mode="off")

@@ -5,26 +5,14 @@ from __future__ import annotations
 import pytest
 
 from bitsweep.config import AugmentConfig, DataConfig, ModelConfig, RunConfig, TrainConfig
-from bitsweep.data import DatasetSplits, load_dataset
+from bitsweep.data import DatasetSplits
 from bitsweep.runtime import torch_threads
 
 
 @pytest.fixture(scope="session")
-def tiny_splits() -> DatasetSplits:
+def tiny_splits(cut_splits) -> DatasetSplits:
     """The synthetic dataset cut to 96 train / 48 val / 48 test images."""
-    full = load_dataset(DataConfig(name="synthetic"), seed=0)
-    return DatasetSplits(
-        name=full.name,
-        train=full.train.subset(slice(0, 96)),
-        val=full.val.subset(slice(0, 48)),
-        test=full.test.subset(slice(0, 48)),
-        num_classes=full.num_classes,
-        in_channels=full.in_channels,
-        image_size=full.image_size,
-        mean=full.mean,
-        std=full.std,
-        class_names=full.class_names,
-    )
+    return cut_splits(96, 48, 48)
 
 
 def _tiny_config(tmp_path, epochs: int = 3, **train: object) -> RunConfig:

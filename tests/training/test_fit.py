@@ -20,17 +20,6 @@ from bitsweep.models import create_model
 from bitsweep.training import fit, load_checkpoint, load_model
 
 
-class Interrupt:
-    """Raises KeyboardInterrupt after the given epoch, like Ctrl-C between epochs."""
-
-    def __init__(self, after: int) -> None:
-        self.after = after
-
-    def __call__(self, epoch: int, row: dict) -> None:
-        if epoch == self.after:
-            raise KeyboardInterrupt
-
-
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory: pytest.TempPathFactory, tiny_splits: DatasetSplits, tiny_config):
     """One uninterrupted 3-epoch run shared by the tests below."""
@@ -80,11 +69,11 @@ def test_learning_happens(full_run) -> None:
     assert result.metrics[-1]["train_loss"] < result.metrics[0]["train_loss"]
 
 
-def test_resume_after_interruption_is_bitwise_identical(tmp_path: Path, full_run, tiny_splits) -> None:
+def test_resume_after_interruption_is_bitwise_identical(tmp_path: Path, full_run, tiny_splits, interrupt_after) -> None:
     config, reference = full_run
     run = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        fit(config, run_dir=run, splits=tiny_splits, callbacks=[Interrupt(after=1)], progress=False)
+        fit(config, run_dir=run, splits=tiny_splits, callbacks=[interrupt_after(1)], progress=False)
     assert load_checkpoint(run / "last.pt")["epoch"] == 1
     resumed = fit(config, resume=run, splits=tiny_splits, progress=False)
     assert resumed.run_dir == run
