@@ -5,16 +5,18 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from bitsweep.artifacts import ModelRecord
-from bitsweep.config import DataConfig
+from bitsweep.config import DataConfig, ModelConfig, RunConfig, to_dict
 from bitsweep.data import DatasetSplits, load_dataset
 from bitsweep.models import create_model
 from bitsweep.quant import QuantConfig, ptq
+from bitsweep.training import save_checkpoint
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -69,6 +71,25 @@ class InterruptAfter:
 def interrupt_after() -> type[InterruptAfter]:
     """The :class:`InterruptAfter` callback class (``interrupt_after(1)``), for resume-equality tests."""
     return InterruptAfter
+
+
+def _write_untrained_checkpoint(folder: Path) -> Path:
+    """Write ``folder/best.pt``: an untrained width-0.25 MobileNet-v2 on the synthetic data (3x16x16)."""
+    config = RunConfig(data=DataConfig(name="synthetic"), model=ModelConfig(width=0.25))
+    splits = load_dataset(config.data)
+    torch.manual_seed(0)
+    model = create_model("mobilenetv2", splits.num_classes, splits.in_channels, width=0.25).eval()
+    path = folder / "best.pt"
+    save_checkpoint(path, {"config": to_dict(config), "dataset": splits.meta(), "model_state": model.state_dict(),
+                           "epoch": 1, "metrics": {}})  # fmt: skip
+    return path
+
+
+@pytest.fixture(scope="session")
+def write_untrained_checkpoint() -> Callable[[Path], Path]:
+    """Factory ``write_untrained_checkpoint(folder) -> folder/best.pt`` (CLI tests write beside it, so each
+    module gives its own folder)."""
+    return _write_untrained_checkpoint
 
 
 @pytest.fixture(scope="session")

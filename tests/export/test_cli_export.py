@@ -13,12 +13,10 @@ from bitsweep.artifacts import load, load_packed, read_header
 from bitsweep.artifacts.quantized import quantized_state
 from bitsweep.cli import main
 from bitsweep.config import DataConfig, ModelConfig, RunConfig, to_dict
-from bitsweep.data import load_dataset
 from bitsweep.measure.summary import describe_compression
 from bitsweep.models import create_model
 from bitsweep.quant import QuantConfig, ptq
 from bitsweep.search import LayerBits, layer_names, save_layer_bits
-from bitsweep.training import save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -110,16 +108,9 @@ def test_export_onnx_int8_is_qop_with_check_and_latency(
 
 
 @pytest.fixture(scope="module")
-def float_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def float_checkpoint(tmp_path_factory: pytest.TempPathFactory, write_untrained_checkpoint) -> Path:
     """An untrained width-0.25 MobileNet-v2 on the synthetic data (calibration needs its dataset)."""
-    config = RunConfig(data=DataConfig(name="synthetic"), model=ModelConfig(width=0.25))
-    splits = load_dataset(config.data)
-    torch.manual_seed(0)
-    model = create_model("mobilenetv2", splits.num_classes, splits.in_channels, width=0.25).eval()
-    path = tmp_path_factory.mktemp("float") / "best.pt"
-    save_checkpoint(path, {"config": to_dict(config), "dataset": splits.meta(), "model_state": model.state_dict(),
-                           "epoch": 1, "metrics": {}})  # fmt: skip
-    return path
+    return write_untrained_checkpoint(tmp_path_factory.mktemp("float"))
 
 
 def test_export_with_layer_bits_packs_and_exports_the_plans_bits(
