@@ -9,6 +9,8 @@ BENCHMARKS.md.
     python benchmarks/ptq_methods.py                                  # all methods, all cells
     python benchmarks/ptq_methods.py --methods rtn,qdrop --cells 4,4  # a subset
     python benchmarks/ptq_methods.py --quick                          # tiny random model, prints only
+    python benchmarks/ptq_methods.py --methods rtn,cle --granularities per_tensor,per_channel \
+        --cells "8,8;6,8;4,8" --section ptq_methods_cle                 # equalization, its own section
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-batch-size", type=int, default=40)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(WORK / "ptq_methods.jsonl"), help="rows, appended as they finish")
+    p.add_argument("--granularities", default="per_channel", help="weight granularities, comma-separated")
+    p.add_argument("--section", default="ptq_methods", help="the BENCHMARKS.md section to write")
     p.add_argument("--quick", action="store_true", help="tiny random model and data; prints only")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -78,20 +82,23 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[tuple[str, int, int], dict[str, float | str]] = {}
     options = {"images": args.images, "progress": True} | ({"iterations": args.iterations} if args.iterations else {})
-    for method in methods:
+    granularities = args.granularities.split(",")
+    labels = [(m, g) for m in methods for g in granularities]
+    for method, gran in labels:
         for w, a in cells:
             m = copy.deepcopy(model)
             start = time.perf_counter()
-            qm = ptq(m, QuantConfig.from_bits(w, a, method=method), batches, options=options).model
+            qm = ptq(m, QuantConfig.from_bits(w, a, gran, method=method), batches, options=options).model
             seconds = time.perf_counter() - start
             evaluated, kind = evaluation_model(qm, val[0][:1], runner)
             row: dict[str, float | str] = {
-                "method": method, "weight_bits": w, "activation_bits": a, "seconds": round(seconds, 1),
+                "method": method, "granularity": gran, "weight_bits": w, "activation_bits": a,
+                "seconds": round(seconds, 1),
                 "val_top1": accuracy(evaluated, *val, args.eval_batch_size)[0],
                 "test_top1": accuracy(evaluated, *test, args.eval_batch_size)[0], "simulation": kind,
                 "images": args.images, "seed": seed,
             }  # fmt: skip
-            results[(method, w, a)] = row
+            results[(method, gran, w, a)] = row
             print(json.dumps(row), flush=True)
             if not args.quick:
                 with open(args.out, "a", encoding="utf-8") as f:
@@ -99,20 +106,21 @@ def main(argv: list[str] | None = None) -> int:
 
     headers = ["method"] + [f"W{w}A{a}" for w, a in cells] + ["seconds per cell (mean)"]
     rows = []
-    for method in methods:
-        cols = [f"{results[(method, w, a)]['test_top1']:.2f}" for w, a in cells]
-        secs = sum(float(results[(method, w, a)]["seconds"]) for w, a in cells) / len(cells)
-        rows.append([method, *cols, f"{secs:.0f}"])
+    for method, gran in labels:
+        cols = [f"{results[(method, gran, w, a)]['test_top1']:.2f}" for w, a in cells]
+        secs = sum(float(results[(method, gran, w, a)]["seconds"]) for w, a in cells) / len(cells)
+        rows.append([method if len(granularities) == 1 else f"{method} ({gran})", *cols, f"{secs:.0f}"])
     iters = f"{args.iterations} steps per unit" if args.iterations else "default steps per unit"
     text = (
         header(" ".join(["python", "benchmarks/ptq_methods.py", *(argv if argv is not None else sys.argv[1:])]))
         + f"\nTest top-1 (%), integer-exact simulation, {len(test[1])} test images; FP32 {fp32:.2f} % "
         f"(val {fp32_val:.2f} %). Calibration and reconstruction: the first {args.images} training images, "
-        f"{iters}; seconds = the whole `ptq` call on {args.threads} threads.\n\n{md_table(headers, rows)}\n"
+        f"{iters}; weights {' / '.join(granularities)}; seconds = the whole `ptq` call on {args.threads} "
+        f"threads.\n\n{md_table(headers, rows)}\n"
     )
     print(text)
     if not args.quick:
-        update_section("ptq_methods", text)
+        update_section(args.section, text)
     return 0
 
 

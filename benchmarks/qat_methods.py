@@ -50,7 +50,13 @@ def _cut(splits: DatasetSplits, train: int, val: int) -> DatasetSplits:
     return dataclasses.replace(splits, train=splits.train.subset(slice(0, train)), val=splits.val.subset(slice(0, val)))
 
 
-def _table(rows: list[dict], fp32: float, command: str) -> str:
+def _budget(row: dict) -> tuple[int, int]:
+    """What one run trained on: (epochs, training images); runs with different budgets get separate tables."""
+    return row["epochs"], row["train_images"]
+
+
+def _group_table(rows: list[dict], fp32: float) -> str:
+    """One table for runs with the same budget: a row per variant, a column per cell, the target row last."""
     cells = sorted({(r["weight_bits"], r["activation_bits"]) for r in rows}, key=lambda c: (-c[0], -c[1]))
     variants = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
     latest = {(r["variant"], r["weight_bits"], r["activation_bits"]): r for r in rows}
@@ -64,16 +70,26 @@ def _table(rows: list[dict], fp32: float, command: str) -> str:
         body.append([v, *cols, f"{sum(secs) / len(secs):.0f}" if secs else "-"])
     target = ["target (drop)", *[f">= {fp32 - TARGETS.get(c, 0):.2f} ({-TARGETS.get(c, 0):+.1f})" for c in cells], ""]
     r0 = rows[-1]
+    steps = r0["epochs"] * -(-r0["train_images"] // r0["batch_size"])
     return (
-        header(command)
-        + f"\nTest top-1 (%) of the best epoch (chosen on {r0['val_images']} validation images), integer-exact "
-        f"simulation on all {r0['test_images']} test images, in brackets the change from FP32 {fp32:.2f} %. Each run: "
-        f"{r0['epochs']} epoch(s) on the first {r0['train_images']} training images, lr {r0['lr']} cosine, batch "
-        f"{r0['batch_size']}, weights per channel, initial ranges from the MSE observer, start rtn, distillation "
-        f"T={r0['temperature']} weight {r0['distill_weight']}; seconds per epoch on {r0['threads']} thread(s).\n\n"
+        f"**{r0['epochs']} epoch(s) on the first {r0['train_images']} training images ({steps} steps).** "
+        f"Test top-1 (%) of the best epoch (chosen on {r0['val_images']} validation images), integer-exact "
+        f"simulation on all {r0['test_images']} test images, in brackets the change from FP32 {fp32:.2f} %. "
+        f"lr {r0['lr']} cosine, batch {r0['batch_size']}, weights per channel, initial ranges from the MSE observer, "
+        f"start rtn, distillation T={r0['temperature']} weight {r0['distill_weight']}; seconds per epoch on "
+        f"{r0['threads']} thread(s).\n\n"
         + md_table(["variant", *[f"W{w}A{a}" for w, a in cells], "s/epoch"], [*body, target])
         + "\n"
     )
+
+
+def _table(rows: list[dict], fp32: float, command: str) -> str:
+    """The section: one table per training budget, the largest budget first."""
+    groups: dict[tuple[int, int], list[dict]] = {}
+    for r in rows:
+        groups.setdefault(_budget(r), []).append(r)
+    ordered = sorted(groups, key=lambda b: -b[0] * b[1])
+    return header(command) + "\n" + "\n".join(_group_table(groups[b], fp32) for b in ordered)
 
 
 def main(argv: list[str] | None = None) -> int:

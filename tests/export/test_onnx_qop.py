@@ -111,6 +111,29 @@ def test_four_bit_activations(tmp_path: Path) -> None:
     assert agree >= 0.99 and max_diff < 0.5 and differ < 0.25
 
 
+def _weight_containers(path: Path) -> dict[str, int]:
+    """Dense (group 1) QLinearConv node -> ONNX element type of its weights (uint8 or int8)."""
+    graph = onnx.load(str(path)).graph
+    types = {i.name: i.data_type for i in graph.initializer}
+    dense = [
+        n for n in graph.node if n.op_type == "QLinearConv" and all(a.i == 1 for a in n.attribute if a.name == "group")
+    ]
+    return {n.name: types[n.input[3]] for n in dense}
+
+
+def test_auto_dense_weights_take_int8_only_where_pair_sums_cannot_saturate(tmp_path: Path) -> None:
+    w4a8 = _tiny(8, weight_bits=4)
+    auto = export_onnx_qop(w4a8, tmp_path / "auto.onnx", SHAPE)
+    wide = export_onnx_qop(w4a8, tmp_path / "u8.onnx", SHAPE, dense_weights="uint8")
+    assert set(_weight_containers(auto).values()) == {onnx.TensorProto.INT8}  # 2 * 255 * 8 fits int16
+    assert onnx.TensorProto.UINT8 in set(_weight_containers(wide).values())
+    x = _images(64).numpy()
+    run = [OrtSettings(intra_op_threads=1).session(p).run(["logits"], {"input": x})[0] for p in (auto, wide)]
+    assert np.array_equal(run[0], run[1])  # both kernels exact: the same integers, the same logits
+    containers = _weight_containers(export_onnx_qop(_tiny(8), tmp_path / "w8.onnx", SHAPE))
+    assert onnx.TensorProto.UINT8 in set(containers.values())  # 8-bit weights x 8-bit activations would saturate
+
+
 def test_check_and_latency_helpers(w8a8: nn.Module, tmp_path: Path) -> None:
     path = export_onnx_qop(w8a8, tmp_path / "m.onnx", SHAPE)
     check = check_qop(path, w8a8, [(_images(64), torch.zeros(64, dtype=torch.long))])

@@ -20,6 +20,7 @@ from bitsweep.errors import BitsweepError
 from bitsweep.quant.api import quantize_
 from bitsweep.quant.config import QuantConfig
 from bitsweep.quant.inspect import activation_quantizers, weight_layers
+from bitsweep.quant.methods import get_method
 from bitsweep.quant.spec import QuantSpec
 
 
@@ -84,10 +85,16 @@ def build_converted(
 ) -> nn.Module:
     """The converted quantized model: ``record.build()``, ``quantize_(config)``, then :func:`restore_converted`.
 
+    The method's data-free structural change (``PTQMethod.restructure``: equalized pairs use ReLU)
+    is replayed on the built model first, so the architecture matches the one that was quantized.
+
     Raises:
         BitsweepError: the state or specs do not fit the rebuilt model.
     """
     model = record.build().eval()
+    restructure = get_method(config.method).restructure
+    if restructure is not None:
+        restructure(model)
     quantize_(model, config)
     restore_converted(model, state, specs)
     return model.eval()

@@ -166,7 +166,7 @@ def add_method_options(parser: argparse.ArgumentParser, *, several: bool = False
     With another ``prefix`` (``qat`` uses ``init``) only ``--PREFIX-images`` and ``--PREFIX-iterations``
     are added: the caller names the method itself.
     """
-    names = ", ".join(PTQ_METHODS)
+    names = ", ".join(PTQ_METHODS) + " or a chain such as cle+qdrop"
     if prefix == "method":
         if several:
             parser.add_argument(

@@ -53,9 +53,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "QuantizeLinear/DequantizeLinear pairs; unset: qop with --int8, else qdq",
     )  # fmt: skip
     p.add_argument(
-        "--qop-dense-weights", choices=DENSE_WEIGHTS, default="uint8",
-        help="qop: container of dense-layer weights; uint8 is exact on every CPU, int8 is faster on VNNI/AMX CPUs "
-        "but onnxruntime's AVX2 kernels saturate with it",
+        "--qop-dense-weights", choices=DENSE_WEIGHTS, default="auto",
+        help="qop: container of dense-layer weights; auto = int8 where onnxruntime's AVX2 int16 pair sums cannot "
+        "saturate (weights of 7 bits or fewer) and uint8 elsewhere, exact on every CPU; uint8 everywhere; int8 "
+        "everywhere (fastest on VNNI/AMX CPUs, inexact on AVX2-only ones)",
     )  # fmt: skip
     p.add_argument("--latency-runs", type=int, default=20, help="qop: timed runs per latency figure (median)")
     p.add_argument("--output", default=None, help="output path (default: beside the checkpoint, .safetensors/.onnx)")

@@ -58,7 +58,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=QATConfig.distill_weight,
         help="share of the distillation term; the label cross-entropy gets the rest",
     )
-    p.add_argument("--init", default="rtn", help=f"PTQ method to start from: {', '.join(PTQ_METHODS)}")
+    p.add_argument(
+        "--init", default="rtn", help=f"PTQ method to start from: {', '.join(PTQ_METHODS)} or a chain such as cle+qdrop"
+    )
     p.add_argument("--epochs", type=int, default=QAT_TRAIN_DEFAULTS["epochs"], help="training epochs")
     p.add_argument("--lr", type=float, default=QAT_TRAIN_DEFAULTS["lr"], help="peak learning rate (cosine decay)")
     p.add_argument("--weight-decay", type=float, default=QAT_TRAIN_DEFAULTS["weight_decay"], help="weight decay")

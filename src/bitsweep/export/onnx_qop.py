@@ -63,7 +63,8 @@ from bitsweep.io import atomic_path
 from bitsweep.quant.inspect import activation_quantizers, weight_layers
 
 OPSET = 21
-DENSE_WEIGHTS = ("uint8", "int8")  # container of dense (non-depthwise) weights, see export_onnx_qop
+DENSE_WEIGHTS = ("auto", "uint8", "int8")  # container of dense (non-depthwise) weights, see export_onnx_qop
+PAIR_LIMIT = 32767  # AVX2 u8 x s8 kernels add two products into a saturating int16
 MS_DOMAIN = "com.microsoft"
 
 
@@ -158,13 +159,16 @@ class _QopBuilder(GraphBuilder):
         """A uint8 scalar (activation zero points and clamp bounds)."""
         return self.const(base, np.array(value, np.uint8))
 
-    def weight_tensors(self, base: str, w: np.ndarray, depthwise: bool) -> tuple[str, str]:
+    def weight_tensors(self, base: str, w: np.ndarray, depthwise: bool, x_span: int) -> tuple[str, str]:
         """Per-channel weight integers and zero points: int8 with 0, or uint8 with 128 for dense layers.
 
-        See :func:`export_onnx_qop`'s ``dense_weights`` for why dense layers default to uint8.
+        ``x_span`` is the largest stored input integer (uint8 ``q - lo``). See :func:`export_onnx_qop`'s
+        ``dense_weights`` for when dense layers take uint8.
         """
         c_out = w.shape[0]
-        if self.dense_weights == "uint8" and not depthwise:
+        fits = 2 * x_span * int(np.abs(w).max(initial=0)) <= PAIR_LIMIT
+        wide = self.dense_weights == "uint8" or (self.dense_weights == "auto" and not fits)
+        if wide and not depthwise:
             return self.const(base + "_w", (w + 128).astype(np.uint8)), self.const(
                 base + "_wzp", np.full(c_out, 128, np.uint8)
             )
@@ -235,7 +239,8 @@ class _QopBuilder(GraphBuilder):
         if s.op == "linear":  # (N, K) -> (N, K, 1, 1): a hidden Linear is a 1x1 convolution
             xin = self.op("Unsqueeze", [xin, self.const("axes", np.array([2, 3], np.int64))], "as_map")
             weight = weight.reshape(*weight.shape, 1, 1)
-        w, w_zp = self.weight_tensors(s.dst, weight, depthwise=s.groups > 1 and s.groups == s.weight.shape[0])
+        depthwise = s.groups > 1 and s.groups == s.weight.shape[0]
+        w, w_zp = self.weight_tensors(s.dst, weight, depthwise, x_span=x.hi - x.lo)
         inputs = [xin, one, self.zp(x.zp, "x_zp"), w, self.const(s.dst + "_ws", w_scale), w_zp, one, y_zp]
         if s.bias is not None:
             inputs.append(self.const(s.dst + "_b", s.bias.numpy().astype(np.int32)))
@@ -336,7 +341,7 @@ class _QopBuilder(GraphBuilder):
 
 def build_qop(
     program: lw.Program, input_shape: tuple[int, int, int], pool_window: int, *,
-    dense_weights: str = "uint8",
+    dense_weights: str = "auto",
 ) -> Any:  # fmt: skip
     """The QOperator ``onnx.ModelProto`` of ``program`` (inputs ``(batch, *input_shape)``, output ``logits``).
 
@@ -388,7 +393,7 @@ def _global_pool_window(program: lw.Program, example: torch.Tensor) -> int:
 
 
 def export_onnx_qop(
-    model: nn.Module, path: str | Path, input_shape: tuple[int, int, int], *, dense_weights: str = "uint8",
+    model: nn.Module, path: str | Path, input_shape: tuple[int, int, int], *, dense_weights: str = "auto",
     metadata: dict[str, str] | None = None,
 ) -> Path:  # fmt: skip
     """Write a converted model (weights and activations of 2..8 bits) as QOperator int8 ONNX, atomically.
@@ -401,18 +406,22 @@ def export_onnx_qop(
     uint8 x int8 kernels sum pairs of products in saturating int16
     (``vpmaddubsw``): with 8-bit weights the sums overflow and the logits go
     wrong (measured on a width-0.25 MobileNet-v2: 0.8 % of predictions changed,
-    median logit error 0.14). ``"uint8"`` (the default) stores those weights as
-    ``w + 128`` with zero point 128 - the same integers - so onnxruntime takes
-    its exact uint8 x uint8 kernels on every CPU. ``"int8"`` (zero point 0)
-    is faster on CPUs with VNNI or AMX, where the int8 kernels are exact, and
-    inexact on AVX2-only CPUs. Depthwise layers keep int8 weights with zero
-    point 0 always: their kernel widens to 32 bits and does not saturate.
+    median logit error 0.14). ``"uint8"`` stores those weights as ``w + 128``
+    with zero point 128 - the same integers - so onnxruntime takes its exact
+    uint8 x uint8 kernels on every CPU. ``"int8"`` (zero point 0) is faster on
+    CPUs with VNNI or AMX, where the int8 kernels are exact, and inexact on
+    AVX2-only CPUs. ``"auto"`` (the default) takes int8 for each layer whose
+    pair sums cannot saturate (``2 * max input * max |w| <= 32767``: every
+    layer with weights of 7 bits or fewer against 8-bit activations) and uint8
+    for the others, so the file is exact on every CPU and sub-8-bit models get
+    the fast kernels. Depthwise layers keep int8 weights with zero point 0
+    always: their kernel widens to 32 bits and does not saturate.
 
     Args:
         model: a converted quantized model (``bitsweep.quant.ptq(...).model``).
         path: destination ``.onnx`` file; nothing is left there when the export fails.
         input_shape: ``(C, H, W)``; the batch dimension is dynamic.
-        dense_weights: ``"uint8"`` (exact everywhere) or ``"int8"`` (for VNNI/AMX CPUs).
+        dense_weights: ``"auto"`` or ``"uint8"`` (exact everywhere), or ``"int8"`` (for VNNI/AMX CPUs).
         metadata: written to the file's ``metadata_props`` (e.g. the input normalization ``mean``/``std``, so a
             deployment needs nothing but the file; onnxruntime reads them with ``get_modelmeta()``).
 

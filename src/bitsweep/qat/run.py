@@ -181,15 +181,8 @@ def qat(
         "teacher": teacher_path or None,
         "train": dict(train or {}),
     }
-    return _run(
-        loaded,
-        config,
-        quant,
-        recipe,
-        teacher_model,
-        described,
-        folder,
-        None,
+    job = _Job(loaded, config, quant, recipe, teacher_model, described, folder, resume=None)
+    options = _Options(
         device,
         splits,
         dict(init_options or {}),
@@ -197,9 +190,9 @@ def qat(
         compile_mode,
         eval_batch_size,
         progress,
-        started,
-        callbacks,
+        tuple(callbacks),
     )
+    return _run(job, options, started)
 
 
 def resume_qat(
@@ -227,110 +220,110 @@ def resume_qat(
     recipe = from_dict(QATConfig, described["recipe"])
     teacher_model = _teacher(described["teacher"], loaded, loaded.record.num_classes)[0] if recipe.distill else None
     config = from_dict(RunConfig, state["config"])
-    return _run(
-        loaded,
-        config,
-        quant,
-        recipe,
-        teacher_model,
-        described,
-        last.parent,
-        last,
-        device,
-        splits,
-        {},
-        False,
-        compile_mode,
-        eval_batch_size,
-        progress,
-        started,
-        (),
-    )
+    job = _Job(loaded, config, quant, recipe, teacher_model, described, last.parent, resume=last)
+    options = _Options(device, splits, {}, False, compile_mode, eval_batch_size, progress)
+    return _run(job, options, started)
 
 
-def _run(
-    loaded: Loaded,
-    config: RunConfig,
-    quant: QuantConfig,
-    recipe: QATConfig,
-    teacher: nn.Module | None,
-    described: dict[str, Any],
-    folder: Path,
-    resume: Path | None,
-    device: torch.device | str | None,
-    splits: DatasetSplits | None,
-    init_options: dict[str, Any],
-    evaluate_start: bool,
-    compile_mode: str,
-    eval_batch_size: int,
-    progress: bool,
-    started: float,
-    callbacks: Sequence[EpochCallback],
-) -> QATResult:
-    dev = choose_device(config.device) if device is None else torch.device(device)
-    data = splits if splits is not None else load_dataset(config.data, config.seed)
-    if data.num_classes != loaded.record.num_classes:
+@dataclass(frozen=True)
+class _Job:
+    """What one QAT run trains: the float model, its settings, and where the run lives."""
+
+    loaded: Loaded
+    config: RunConfig
+    quant: QuantConfig
+    recipe: QATConfig
+    teacher: nn.Module | None
+    described: dict[str, Any]  # what results.json and the checkpoint record of the run
+    folder: Path
+    resume: Path | None  # the last.pt to continue from, or None for a new run
+
+
+@dataclass(frozen=True)
+class _Options:
+    """How a QAT run is carried out; none of it changes what is trained."""
+
+    device: torch.device | str | None
+    splits: DatasetSplits | None
+    init_options: dict[str, Any]
+    evaluate_start: bool
+    compile_mode: str
+    eval_batch_size: int
+    progress: bool = True
+    callbacks: tuple[EpochCallback, ...] = ()
+
+
+def _run(job: _Job, opts: _Options, started: float) -> QATResult:
+    dev = choose_device(job.config.device) if opts.device is None else torch.device(opts.device)
+    data = opts.splits if opts.splits is not None else load_dataset(job.config.data, job.config.seed)
+    if data.num_classes != job.loaded.record.num_classes:
         raise BitsweepError(
             f"the data has {data.num_classes} classes but the checkpoint's model "
-            f"{loaded.record.num_classes}; QAT runs on the dataset the model was trained on"
+            f"{job.loaded.record.num_classes}; QAT runs on the dataset the model was trained on"
         )
     loader_kw: dict[str, Any] = {"mean": data.mean, "std": data.std, "device": dev}
-    float_model = loaded.model.to(dev).eval()
+    float_model = job.loaded.model.to(dev).eval()
     accuracy: dict[str, dict[str, EvalResult]] = {}
-    if evaluate_start and resume is None:
+    if opts.evaluate_start and job.resume is None:
         accuracy["float"] = {
-            name: evaluate(float_model, TensorLoader(s, eval_batch_size, **loader_kw), device=dev)
+            name: evaluate(float_model, TensorLoader(s, opts.eval_batch_size, **loader_kw), device=dev)
             for name, s in (("val", data.val), ("test", data.test))
             if len(s.labels) > 0
         }
     model = copy.deepcopy(float_model)
-    calibration = TensorLoader(data.train, config.train.batch_size, shuffle=True, seed=config.seed, **loader_kw)
+    calibration = TensorLoader(data.train, job.config.train.batch_size, shuffle=True, seed=job.config.seed, **loader_kw)
     # Resuming rebuilds the same structure (same calibration, so the same grids) and then loads the trained state.
-    start_recipe = dataclasses.replace(recipe, init="rtn") if resume is not None else recipe
-    prepared = prepare_qat(model, quant, calibration, start_recipe, options={"progress": progress, **init_options})
+    start_recipe = dataclasses.replace(job.recipe, init="rtn") if job.resume is not None else job.recipe
+    prepared = prepare_qat(
+        model, job.quant, calibration, start_recipe, options={"progress": opts.progress, **opts.init_options}
+    )
     simulation = ""
-    if evaluate_start and resume is None:
-        start = convert_qat(copy.deepcopy(model), quant.scale_dtype)
-        accuracy["start"], simulation = _integer_accuracy(start, data, loader_kw, compile_mode, eval_batch_size)
+    if opts.evaluate_start and job.resume is None:
+        start = convert_qat(copy.deepcopy(model), job.quant.scale_dtype)
+        accuracy["start"], simulation = _integer_accuracy(
+            start, data, loader_kw, opts.compile_mode, opts.eval_batch_size
+        )
         del start
     loss: nn.Module | None = None
-    if teacher is not None:
-        teacher = teacher.to(dev).eval()
-        teacher = to_channels_last(teacher) if config.train.channels_last else teacher
-        loss = DistillationLoss(teacher, recipe.temperature, recipe.distill_weight, config.train.label_smoothing)
+    if job.teacher is not None:
+        teacher = job.teacher.to(dev).eval()
+        teacher = to_channels_last(teacher) if job.config.train.channels_last else teacher
+        loss = DistillationLoss(
+            teacher, job.recipe.temperature, job.recipe.distill_weight, job.config.train.label_smoothing
+        )
     result = fit(
-        config,
-        run_dir=folder,
-        resume=resume,
+        job.config,
+        run_dir=job.folder,
+        resume=job.resume,
         device=dev,
         splits=data,
-        progress=progress,
+        progress=opts.progress,
         model=model,
-        callbacks=callbacks,
+        callbacks=opts.callbacks,
         loss_fn=loss,
-        record=loaded.record,
-        checkpoint_extra={"qat": described},
+        record=job.loaded.record,
+        checkpoint_extra={"qat": job.described},
     )
     if not result.metrics:  # a non-zero DDP rank: rank 0 converts and writes
         return QATResult(result.run_dir, None, result, accuracy, simulation, time.perf_counter() - started)
-    model = convert_qat(model, quant.scale_dtype)  # fit left the best epoch's weights in it
-    accuracy["final"], simulation = _integer_accuracy(model, data, loader_kw, compile_mode, eval_batch_size)
+    model = convert_qat(model, job.quant.scale_dtype)  # fit left the best epoch's weights in it
+    accuracy["final"], simulation = _integer_accuracy(model, data, loader_kw, opts.compile_mode, opts.eval_batch_size)
     out = result.run_dir / QUANTIZED_FILE
     save_quantized(
         out,
         quantized_state(
             model.cpu(),
-            dataclasses.replace(quant, method=recipe.init),
-            loaded.meta,
+            dataclasses.replace(job.quant, method=job.recipe.init),
+            job.loaded.meta,
             prepared.start.summary,
-            loaded.record,
+            job.loaded.record,
         ),
     )
     seconds = time.perf_counter() - started
     write_json_atomic(
         result.run_dir / RESULTS_FILE,
         {
-            **described,
+            **job.described,
             "quantized": str(out),
             "simulation": simulation,
             "seconds": seconds,

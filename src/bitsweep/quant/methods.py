@@ -3,10 +3,16 @@
 A method is a composition of optional steps around the fixed core
 (prepare, calibrate, convert):
 
+* ``restructure`` changes the float model's structure without data (the ReLU6
+  of equalized pairs becomes ReLU); loading a saved model repeats it, so the
+  rebuilt architecture matches the one that was quantized;
 * ``before_prepare`` changes the float model (cross-layer equalization);
 * ``after_convert`` changes the converted model (bias correction, learned
   rounding through ``WeightQuantizer.set_integers``, block reconstruction
   with trainable scales).
+
+Names join with ``+`` to run several methods' steps in order: ``cle+qdrop`` equalizes
+the float model, then reconstructs blocks.
 
 Each step gets a :class:`PTQContext`. ``QuantConfig.method`` names the method,
 and ``QuantConfig`` validates it against ``PTQ_METHODS``, which is why the
@@ -15,11 +21,13 @@ the config can import it). New methods are added to ``PTQ_METHODS`` and
 every caller of ``ptq`` (CLI, sweep, export, benchmarks) gets them.
 
 >>> sorted(PTQ_METHODS)
-['adaround', 'bias_correction', 'brecq', 'qdrop', 'rtn']
->>> check_method("adaround-typo")
+['adaround', 'bias_correction', 'brecq', 'cle', 'qdrop', 'rtn']
+>>> get_method("cle+adaround").needs_images
+True
+>>> check_method("adaround-typo")  # doctest: +ELLIPSIS
 Traceback (most recent call last):
 ...
-ValueError: unknown post-training method 'adaround-typo'; choose one of rtn, bias_correction, adaround, brecq, qdrop
+ValueError: unknown post-training method 'adaround-typo'; choose one of rtn, ... (join with '+', e.g. cle+qdrop)
 """
 
 from __future__ import annotations
@@ -32,7 +40,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from bitsweep.errors import BitsweepError
 from bitsweep.quant.bias_correction import correct_bias
+from bitsweep.quant.equalize import cross_layer_equalization, relu6_to_relu
 from bitsweep.quant.reconstruct import ReconstructConfig, reconstruct
 from bitsweep.quant.registry import lookup
 
@@ -77,6 +87,8 @@ class PTQMethod:
         needs_images: the steps read calibration images (not only statistics): ``ptq`` keeps the batches
             it calibrated on and refuses to run without images.
         needs_float_model: ``ptq`` keeps a copy of the float model for the steps.
+        restructure: data-free change of the float model's modules, run first by ``ptq`` and again
+            by every loader of a saved model before its quantizers are restored.
     """
 
     name: str
@@ -85,6 +97,7 @@ class PTQMethod:
     after_convert: PTQStep | None = None
     needs_images: bool = False
     needs_float_model: bool = False
+    restructure: Callable[[nn.Module], Any] | None = None
 
 
 RTN = PTQMethod("rtn", "round to nearest, with the configured observers choosing the ranges")
@@ -97,6 +110,16 @@ def _images(ctx: PTQContext) -> torch.Tensor:
     if limit < 1:
         raise ValueError(f"reconstruction images must be a positive whole number, got {limit}")
     return torch.cat([torch.as_tensor(b) for b in ctx.images])[:limit]
+
+
+def _equalization(ctx: PTQContext) -> None:
+    images = _images(ctx) if ctx.images else None
+    report = cross_layer_equalization(ctx.model, images, absorb=bool(ctx.options.get("absorb_bias", True)))
+    if report.pairs == 0:
+        raise BitsweepError(
+            "cross-layer equalization found no convolution -> ReLU/ReLU6 -> convolution pair in this model; "
+            "choose another method (for example rtn or bias_correction)"
+        )
 
 
 def _bias_correction(ctx: PTQContext) -> None:
@@ -115,6 +138,10 @@ def _reconstruction(**settings: Any) -> PTQStep:
     return step
 
 
+CLE = PTQMethod(
+    "cle", "cross-layer equalization (ReLU6 of equalized pairs becomes ReLU) and high-bias absorption, then rtn",
+    _equalization, None, True, False, relu6_to_relu,
+)  # fmt: skip
 BIAS_CORRECTION = PTQMethod(
     "bias_correction", "round to nearest, then empirical bias correction per layer", None, _bias_correction, True
 )
@@ -133,13 +160,50 @@ QDROP = PTQMethod(
 
 # The registry: method name -> method. Read-only; new methods are added here.
 PTQ_METHODS: Mapping[str, PTQMethod] = MappingProxyType(
-    {m.name: m for m in (RTN, BIAS_CORRECTION, ADAROUND, BRECQ, QDROP)}
+    {m.name: m for m in (RTN, CLE, BIAS_CORRECTION, ADAROUND, BRECQ, QDROP)}
 )
 
 
+def _chain(steps: list[Any]) -> Any:
+    steps = [f for f in steps if f is not None]
+    if len(steps) <= 1:
+        return steps[0] if steps else None
+
+    def run(arg: Any) -> None:
+        for f in steps:
+            f(arg)
+
+    return run
+
+
 def get_method(name: str) -> PTQMethod:
-    """The method registered as ``name``; ValueError listing the choices otherwise."""
-    return lookup(PTQ_METHODS, name, "post-training method")
+    """The method registered as ``name``, or the composition of ``a+b+...`` (steps in that order).
+
+    Raises:
+        ValueError: an unknown name (listing the choices), or a name repeated in a composition.
+    """
+    parts = str(name).split("+")
+    if len(parts) == 1:
+        return _lookup(name)
+    methods = [_lookup(p) for p in parts]
+    if len(set(parts)) != len(parts):
+        raise ValueError(f"post-training method {name!r} names a method twice")
+    return PTQMethod(
+        name,
+        ", then ".join(m.description for m in methods),
+        _chain([m.before_prepare for m in methods]),
+        _chain([m.after_convert for m in methods]),
+        any(m.needs_images for m in methods),
+        any(m.needs_float_model for m in methods),
+        _chain([m.restructure for m in methods]),
+    )
+
+
+def _lookup(name: str) -> PTQMethod:
+    try:
+        return lookup(PTQ_METHODS, name, "post-training method")
+    except ValueError as e:
+        raise ValueError(f"{e} (join with '+', e.g. cle+qdrop)") from None
 
 
 def check_method(name: str) -> str:

@@ -98,6 +98,8 @@ def ptq(
         if not images:
             raise BitsweepError("the calibration set is empty; give a loader with at least one batch of images")
         calibration = images
+    if method.restructure is not None:
+        method.restructure(model)
     if method.before_prepare is not None:
         method.before_prepare(PTQContext(model, config, images, options=MappingProxyType(dict(options or {}))))
     float_model = copy.deepcopy(model) if method.needs_float_model else None

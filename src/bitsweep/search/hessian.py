@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 import warnings
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -41,8 +40,8 @@ from torch import nn
 from tqdm import tqdm
 
 from bitsweep.errors import BitsweepError
-from bitsweep.io import write_json_atomic
 from bitsweep.quant import QuantConfig, fold_batchnorm
+from bitsweep.search.keyed_cache import load_keyed, save_keyed
 from bitsweep.search.sensitivity import quantized_weight
 
 CACHE_FORMAT = "bitsweep-hessian-traces"
@@ -324,24 +323,12 @@ def load_cached_traces(
     ``match`` compares only those fields of the key (e.g. the model and data but not the sample count,
     to report whatever traces a folder holds beside another estimate).
     """
-    p = Path(path)
-    if not p.is_file():
-        return None
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-        want, have = json.loads(json.dumps(dict(key))), data.get("key")
-        if match is not None:
-            want, have = {k: want.get(k) for k in match}, {k: have.get(k) for k in match}
-        if data.get("format") != CACHE_FORMAT or have != want:
-            return None
-        return HessianTraces.from_dict(data["traces"])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, BitsweepError):
-        return None
+    return load_keyed(path, CACHE_FORMAT, key, "traces", HessianTraces.from_dict, match)
 
 
 def save_cached_traces(path: str | Path, key: Mapping[str, Any], traces: HessianTraces) -> Path:
     """Write ``traces`` with their ``key`` (atomically), for :func:`load_cached_traces`."""
-    return write_json_atomic(path, {"format": CACHE_FORMAT, "key": dict(key), "traces": traces.to_dict()})
+    return save_keyed(path, CACHE_FORMAT, key, "traces", traces.to_dict())
 
 
 def rank_agreement(

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -44,13 +43,13 @@ from bitsweep.artifacts.record import ModelRecord
 from bitsweep.backend.simulate import CompiledRunner, evaluation_model
 from bitsweep.config import to_dict
 from bitsweep.errors import BitsweepError
-from bitsweep.io import write_json_atomic
 from bitsweep.measure.size import fp32_file_bytes
 from bitsweep.quant import QuantConfig, fold_batchnorm, ptq
 from bitsweep.quant.inspect import activation_quantizers, weight_layers
 from bitsweep.search.activation_memory import activation_numels, allowed_bits
 from bitsweep.search.api import SearchResult, check_estimate, search
 from bitsweep.search.hessian import HessianConfig, HessianSensitivity, measure_hessian
+from bitsweep.search.keyed_cache import load_keyed, save_keyed
 from bitsweep.search.layer_bits import LayerBits, activation_key
 from bitsweep.search.sensitivity import Sensitivity, Trial, measure_activation_sensitivity, measure_sensitivity
 from bitsweep.sweep.evaluate import accuracy
@@ -221,21 +220,12 @@ def load_cached_sensitivity(path: str | Path, key: Mapping[str, Any]) -> Sensiti
     images, observer, granularity); a cache under another key, or one that cannot be read, is
     measured again rather than trusted.
     """
-    p = Path(path)
-    if not p.is_file():
-        return None
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-        if data.get("format") != CACHE_FORMAT or data.get("key") != json.loads(json.dumps(dict(key))):
-            return None
-        return Sensitivity.from_dict(data["sensitivity"])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, BitsweepError):
-        return None
+    return load_keyed(path, CACHE_FORMAT, key, "sensitivity", Sensitivity.from_dict)
 
 
 def save_cached_sensitivity(path: str | Path, key: Mapping[str, Any], sensitivity: Sensitivity) -> Path:
     """Write ``sensitivity`` with its ``key`` (atomically), for :func:`load_cached_sensitivity`."""
-    return write_json_atomic(path, {"format": CACHE_FORMAT, "key": dict(key), "sensitivity": sensitivity.to_dict()})
+    return save_keyed(path, CACHE_FORMAT, key, "sensitivity", sensitivity.to_dict())
 
 
 def search_validated(
