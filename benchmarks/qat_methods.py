@@ -70,7 +70,7 @@ def _group_table(rows: list[dict], fp32: float) -> str:
         body.append([v, *cols, f"{sum(secs) / len(secs):.0f}" if secs else "-"])
     target = ["target (drop)", *[f">= {fp32 - TARGETS.get(c, 0):.2f} ({-TARGETS.get(c, 0):+.1f})" for c in cells], ""]
     r0 = rows[-1]
-    steps = r0["epochs"] * -(-r0["train_images"] // r0["batch_size"])
+    steps = r0["epochs"] * (r0["train_images"] // r0["batch_size"])  # the last partial batch is dropped
     return (
         f"**{r0['epochs']} epoch(s) on the first {r0['train_images']} training images ({steps} steps).** "
         f"Test top-1 (%) of the best epoch (chosen on {r0['val_images']} validation images), integer-exact "
