@@ -52,19 +52,26 @@ def _data(n: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 _TRAINED: dict[str, dict[str, torch.Tensor]] = {}
 
 
+def _sgd(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float = 0.02, momentum: float = 0.9
+) -> None:
+    """``steps`` full-batch SGD steps of cross-entropy on (x, y)."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    for _ in range(steps):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
 def _float_model() -> nn.Module:
     """The float model trained on :func:`_data` (QAT fine-tunes a trained model; trained once per session)."""
     torch.manual_seed(0)
     model = Residual()
     if "state" not in _TRAINED:
         x, y = _data(256, seed=9)
-        opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
         model.train()
-        for _ in range(80):
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        _sgd(model, x, y, 80)
         _TRAINED["state"] = copy.deepcopy(model.state_dict())
     model.load_state_dict(_TRAINED["state"])
     return model.eval()
@@ -82,12 +89,7 @@ def test_qat_lowers_the_training_loss(method: str) -> None:
             return float(F.cross_entropy(prepared.model(x), y))
 
     before = loss_now()
-    opt = torch.optim.SGD(prepared.model.parameters(), lr=0.02, momentum=0.9)
-    for _ in range(60):
-        loss = F.cross_entropy(prepared.model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _sgd(prepared.model, x, y, 60)
     assert loss_now() < 0.6 * before
 
 
@@ -116,12 +118,7 @@ def test_converted_qat_model_agrees_with_the_integer_reference_on_every_image() 
     x, y = _data()
     model = _float_model()
     prepared = prepare_qat(model, QuantConfig.from_bits(2, 4), [x])
-    opt = torch.optim.SGD(prepared.model.parameters(), lr=0.02, momentum=0.9)
-    for _ in range(10):
-        loss = F.cross_entropy(prepared.model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _sgd(prepared.model, x, y, 10)
     converted = convert_qat(prepared.model)
     assert not any(
         isinstance(p, nn.Parameter)
@@ -142,12 +139,7 @@ def test_converted_qat_model_agrees_with_the_integer_reference_on_every_image() 
 def test_float16_convert_rounds_learned_scales_and_trained_biases_and_stays_integer_exact() -> None:
     x, y = _data()
     prepared = prepare_qat(_float_model(), QuantConfig.from_bits(4, 8, scale_dtype="float16"), [x])
-    opt = torch.optim.SGD(prepared.model.parameters(), lr=0.02, momentum=0.9)
-    for _ in range(5):
-        loss = F.cross_entropy(prepared.model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _sgd(prepared.model, x, y, 5)
     converted = convert_qat(prepared.model, "float16")
     for m in converted.modules():
         if isinstance(m, (QuantConv2d, QuantLinear)):
@@ -162,12 +154,7 @@ def test_binary_weights_train_as_sign_times_a_learned_scale() -> None:
     x, y = _data()
     prepared = prepare_qat(_float_model(), QuantConfig.from_bits(1, 8), [x])
     before = [s.detach().clone() for s in prepared.scales]
-    opt = torch.optim.SGD(prepared.model.parameters(), lr=0.05)
-    for _ in range(5):
-        loss = F.cross_entropy(prepared.model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _sgd(prepared.model, x, y, 5, lr=0.05, momentum=0.0)
     assert any(not torch.equal(a, b.detach()) for a, b in zip(before, prepared.scales, strict=True))
     converted = convert_qat(prepared.model)
     for m in converted.modules():

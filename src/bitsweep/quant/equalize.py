@@ -150,6 +150,16 @@ def _in_ranges(conv: nn.Conv2d) -> torch.Tensor:
     return w.flatten(1).amax(dim=1) if _depthwise(conv) else w.transpose(0, 1).flatten(1).amax(dim=1)  # (C_in,)
 
 
+def _median_imbalance(model: nn.Module, pairs: list[EqualizationPair]) -> float:
+    """The median over pairs of :func:`_imbalance` (1.0 without pairs)."""
+    values = []
+    for pair in pairs:
+        conv1, conv2 = model.get_submodule(pair.conv1), model.get_submodule(pair.conv2)
+        assert isinstance(conv1, nn.Conv2d) and isinstance(conv2, nn.Conv2d)
+        values.append(_imbalance(_out_ranges(conv1), _in_ranges(conv2)))
+    return float(torch.tensor(values).median()) if values else 1.0
+
+
 def _imbalance(r1: torch.Tensor, r2: torch.Tensor) -> float:
     ok = (r1 > 0) & (r2 > 0)
     if not ok.any():
@@ -259,17 +269,15 @@ def cross_layer_equalization(
     fold_batchnorm(model)
     pairs = find_pairs(model)
     replaced = relu6_to_relu(model, pairs)
-    before = [_imbalance(_out_ranges(model.get_submodule(p.conv1)), _in_ranges(model.get_submodule(p.conv2)))  # type: ignore[arg-type]
-              for p in pairs]  # fmt: skip
+    before = _median_imbalance(model, pairs)
     sweeps = equalize(model, pairs) if pairs else 0
-    after = [_imbalance(_out_ranges(model.get_submodule(p.conv1)), _in_ranges(model.get_submodule(p.conv2)))  # type: ignore[arg-type]
-             for p in pairs]  # fmt: skip
+    after = _median_imbalance(model, pairs)
     absorbed = absorb_high_bias(model, pairs, images) if absorb and images is not None else 0
     return EqualizationReport(
         len(pairs),
         sweeps,
-        float(torch.tensor(before).median()) if before else 1.0,
-        float(torch.tensor(after).median()) if after else 1.0,
+        before,
+        after,
         absorbed,
         replaced,
     )
