@@ -17,6 +17,7 @@ widths given through ``AdvancedQuantizationParameters``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -37,7 +38,9 @@ except ImportError:  # pragma: no cover - run as a file
 
 TOOLS_VENV = WORK / "tools-venv"
 TOOLS_PYTHON = TOOLS_VENV / "bin" / "python"
-TOOL_PACKAGES = ("brevitas", "nncf", "onnx", "onnxscript", "onnxoptimizer")
+# accelerate: Brevitas's learned round offloads blocks with it; 1.10.1 because newer ones break Brevitas 0.13.4
+# ("'Int8ActPerTensorFloat' can not resolve attribute '_accelerate_added_attribute'").
+TOOL_PACKAGES = ("brevitas", "nncf", "onnx", "onnxscript", "onnxoptimizer", "accelerate==1.10.1")
 
 
 def ensure_tools_venv() -> tuple[Path | None, str]:
@@ -77,8 +80,21 @@ def tool_version(name: str) -> str:
 # --------------------------------------------------------------------------- Brevitas
 
 
-def run_brevitas(checkpoint: Path, data: BenchData, setting: str, work: Path) -> Row:
-    """Brevitas PTQ with its example recipe: BN merged, per-channel int weights, percentile activations."""
+BREVITAS_METHODS = {
+    "brevitas": "example PTQ recipe: BN merged, ReLU6 kept, percentile act., bias correction",
+    "brevitas_gptq": "example PTQ recipe + GPTQ (act order) before bias correction",
+    "brevitas_learned_round": "example PTQ recipe on the layerwise backend + learned round (hard sigmoid, per layer, "
+    "1000 steps) before bias correction",
+}
+
+
+def run_brevitas(checkpoint: Path, data: BenchData, setting: str, work: Path, algorithm: str = "brevitas") -> Row:
+    """Brevitas PTQ with its example recipe: BN merged, per-channel int weights, percentile activations.
+
+    ``algorithm`` adds one of Brevitas's own weight-rounding algorithms in the place its ImageNet example
+    (``ptq_evaluate``) puts it: after activation calibration, before bias correction.
+    """
+    import time
     import warnings
 
     from brevitas.graph.quantize import preprocess_for_quantize
@@ -88,27 +104,69 @@ def run_brevitas(checkpoint: Path, data: BenchData, setting: str, work: Path) ->
 
     w, a = parse_setting(setting)
     model, _ = load_model(checkpoint)
+    # Brevitas runs learned round only on its layerwise backend (its example refuses the others): every conv /
+    # linear quantizes its own input there, instead of one quantizer per activation tensor in the graph.
+    backend = "layerwise" if algorithm == "brevitas_learned_round" else "fx"
+    start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # FX trace and merge BN as the example does, but keep ReLU6: its default ReLU6 -> ReLU swap changes the
         # float function (no clipping at 6), and the example's quant_act_map quantizes ReLU6 directly anyway.
         model = preprocess_for_quantize(model, equalize_iters=0, merge_bn=True, relu6_to_relu=False)
         qmodel = ptq_common.quantize_model(
-            model, backend="fx", weight_bit_width=w, act_bit_width=a, bias_bit_width=None,
+            model, backend=backend, weight_bit_width=w, act_bit_width=a, bias_bit_width=None,
             weight_quant_granularity="per_channel", act_quant_percentile=99.999, act_quant_type="sym",
             scale_factor_type="float_scale", quant_format="int",
         )  # fmt: skip
+        with torch.no_grad():  # as the example does: one forward pass initializes the weight quantizers
+            qmodel.eval()(data.calib[0][0])
         ptq_common.calibrate(data.calib, qmodel)
+        if algorithm == "brevitas_gptq":
+            ptq_common.apply_gptq(data.calib, qmodel, act_order=True)
+        elif algorithm == "brevitas_learned_round":
+            _brevitas_learned_round(qmodel, data)
         ptq_common.apply_bias_correction(data.calib, qmodel)
+    ptq_seconds = round(time.perf_counter() - start, 1)
     acc = top1(qmodel, data.test)
-    path, how = _brevitas_artifact(qmodel, data, setting, work)
+    path, how = _brevitas_artifact(qmodel, data, f"{algorithm}_{setting}", work)
     n_act = sum(1 for m in qmodel.modules() if type(m).__name__ in ("QuantReLU", "QuantIdentity", "QuantHardTanh"))
     n_w = sum(1 for m in qmodel.modules() if type(m).__name__ in ("QuantConv2d", "QuantLinear"))
     return make_row(
-        "Brevitas", tool_version("brevitas"), setting, granularity="per-channel W",
-        method="example PTQ recipe: BN merged, ReLU6 kept, percentile act., bias correction",
+        "Brevitas", tool_version("brevitas"), setting, granularity="per-channel W", method=BREVITAS_METHODS[algorithm],
         top1=acc, weight_quantizers=n_w, act_quantizers=n_act, file=str(path), file_bytes=file_bytes(path),
-        file_kind=how,
+        file_kind=how, ptq_seconds=ptq_seconds,
+    )  # fmt: skip
+
+
+def _brevitas_learned_round(qmodel: torch.nn.Module, data: BenchData) -> None:
+    """Brevitas's learned round with its example's defaults, layer by layer; fp32 (its fp16 autocast is for GPUs)."""
+    import functools
+
+    from brevitas_examples.common.learned_round.learned_round_args import (
+        HandlerSpec,
+        LearnedRoundArgs,
+        LossArgs,
+        OptimizerArgs,
+        TrainerConfig,
+        TrainingArgs,
+    )
+    from brevitas_examples.common.learned_round.learned_round_trainer import LearnedRoundTrainer, get_blocks
+    from brevitas_examples.imagenet_classification.ptq import learned_round_utils as lr
+
+    optim = OptimizerArgs(target_params="learned_round", optimizer_cls="Adam", lr=1e-3, optimizer_kwargs={})
+    losses = [LossArgs(cls="round_reg", kwargs=None), LossArgs(cls="mse", kwargs={"reduction": "none", "dim": 1})]
+    training = TrainingArgs(
+        optimizers_args=[optim], batch_size=1, iters=1000, losses_args=losses, loss_scaling_factor=1.0,
+        use_best_model=False, use_amp=False, amp_dtype="float16", fast_update=False,
+    )  # fmt: skip
+    handler = HandlerSpec[LearnedRoundArgs](
+        name="learned_round", config=LearnedRoundArgs(learned_round_param="hard_sigmoid", learned_round_kwargs=None)
+    )
+    trainer = LearnedRoundTrainer(config=TrainerConfig(training_args=training, training_handlers=[handler]))
+    trainer.train(
+        model=qmodel, model_forward=lr.vision_forward, block_forward=lr.vision_block_forward, data_loader=data.calib,
+        cache=lr.CacheVision(), get_blocks_fn=functools.partial(get_blocks, block_check_fn=lr.is_layer),
+        keep_gpu=True,
     )  # fmt: skip
 
 
@@ -164,7 +222,12 @@ def run_nncf(checkpoint: Path, data: BenchData, setting: str, work: Path) -> Row
     )  # fmt: skip
 
 
-RUNNERS = {"brevitas": run_brevitas, "nncf": run_nncf}
+RUNNERS = {
+    "brevitas": run_brevitas,
+    "brevitas_gptq": functools.partial(run_brevitas, algorithm="brevitas_gptq"),
+    "brevitas_learned_round": functools.partial(run_brevitas, algorithm="brevitas_learned_round"),
+    "nncf": run_nncf,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib-images", type=int, default=512)
     p.add_argument("--test-images", type=int, default=None)
     p.add_argument("--data-dir", default=None)
+    p.add_argument("--calib-first", action="store_true", help="calibrate on the first N training images")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--work", type=Path, required=True)
     args = p.parse_args(argv)
@@ -184,9 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     # slow, shared CPU take the minutes it needs instead of NNCF's 60-second default timeout.
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(WORK / "torch_extensions"))
     os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "0")
-    name = {"brevitas": "Brevitas", "nncf": "NNCF"}[args.tool]
+    name = "NNCF" if args.tool == "nncf" else "Brevitas"
     version = tool_version(args.tool)
-    data = load_bench_data(args.checkpoint, args.calib_images, args.test_images, data_dir=args.data_dir)
+    data = load_bench_data(
+        args.checkpoint, args.calib_images, args.test_images, data_dir=args.data_dir, calib_first=args.calib_first
+    )
     rows = []
     for setting in args.settings.split(","):
         row = guarded(name, version, setting, lambda s=setting: RUNNERS[args.tool](args.checkpoint, data, s, args.work))

@@ -143,8 +143,9 @@ def load_bench_data(
     test_images: int | None = None,
     batch_size: int = 64,
     data_dir: str | None = None,
+    calib_first: bool = False,
 ) -> BenchData:
-    """Calibration images (a seeded subset of the training split) and the test split.
+    """Calibration images (a seeded subset of the training split, or its first N) and the test split.
 
     Args:
         checkpoint: Its dataset config and normalization are used.
@@ -152,6 +153,8 @@ def load_bench_data(
         test_images: First N test images; None = the whole test split.
         batch_size: Batch size of both lists.
         data_dir: Where the dataset files are, overriding the checkpoint's config.
+        calib_first: Take the first ``calib_images`` training images (what ``ptq_methods`` calibrates bitsweep
+            on) instead of the seeded subset.
     """
     import dataclasses
 
@@ -163,7 +166,7 @@ def load_bench_data(
     splits = load_dataset(data_config, seed=info.seed)
     gen = torch.Generator().manual_seed(CALIB_SEED)
     order = torch.randperm(len(splits.train), generator=gen)[:calib_images]
-    calib_set = splits.train.subset(order)
+    calib_set = splits.train.subset(slice(0, calib_images) if calib_first else order)
     test_set = splits.test if test_images is None else splits.test.subset(slice(0, test_images))
     kw = {"mean": info.mean, "std": info.std}
     calib = list(TensorLoader(calib_set, batch_size, **kw))
