@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--table", action="store_true", help="only write the section from the rows stored in --out")
     p.add_argument("--quick", action="store_true", help="tiny random model and data; prints only")
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     if args.table:
         stored, fp32, fp32_val = _stored(args)
         info = load_model(args.checkpoint)[1]
@@ -77,7 +78,6 @@ def main(argv: list[str] | None = None) -> int:
         if not args.print_only:
             update_section(args.section, text)
         return 0
-    torch.set_num_threads(args.threads)
     methods, cells = [m for m in args.methods.split(",") if m], _cells(args.cells)
 
     if args.quick:
@@ -222,8 +222,12 @@ def _render(
             return f"failed: {str(r.get('status'))[:60]}"
         return f"{r['test_top1']:.2f} ({r['test_top1'] - fp32:+.2f})"
 
+    def rank(label: str) -> tuple[bool, int, str]:
+        name = label.split(" ")[0]
+        return label.startswith("Brevitas"), METHODS.index(name) if name in METHODS else len(METHODS), label
+
     table: list[list[object]] = []
-    for label, got in by.items():
+    for label, got in sorted(by.items(), key=lambda item: rank(item[0])):
         secs = [float(r["seconds"]) for r in got.values() if r.get("seconds") is not None]
         table.append([label, *(cell(got.get(c)) for c in order), f"{sum(secs) / max(len(secs), 1):.0f}"])
     table.append(
