@@ -69,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny random model and data; prints only")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    unknown = [a for a in args.brevitas.split(",") if a and a not in BREVITAS]
+    if unknown:  # refused before any measurement, not after the grid
+        p.error(f"--brevitas takes {', '.join(BREVITAS)}; got {', '.join(unknown)}")
     if args.table:
         stored, fp32, fp32_val = _stored(args)
         info = load_model(args.checkpoint)[1]
@@ -98,8 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     fp32_val = accuracy(model, *val, args.eval_batch_size)[0]
     print(f"FP32 val {fp32_val:.2f} test {fp32:.2f}", flush=True)
     if not args.quick:
-        with open(args.out, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"method": "fp32", "val_top1": fp32_val, "test_top1": fp32, "seed": seed}) + "\n")
+        _append(args.out, {"method": "fp32", "val_top1": fp32_val, "test_top1": fp32, "seed": seed})
 
     results: dict[tuple[str, str, int, int], dict[str, Any]] = {}
     options = {"images": args.images, "progress": True} | ({"iterations": args.iterations} if args.iterations else {})
@@ -129,8 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             results[(method, gran, w, a)] = row
             print(json.dumps(row), flush=True)
             if not args.quick:
-                with open(args.out, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(row) + "\n")
+                _append(args.out, row)
 
     if args.brevitas:
         for algo in args.brevitas.split(","):
@@ -151,12 +152,16 @@ BREVITAS = {
 }  # --brevitas name -> compare_external tool
 
 
+def _append(path: str, row: dict[str, Any]) -> None:
+    """One JSON line at the end of --out, written as soon as the row is measured."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 def _brevitas_rows(algo: str, args: argparse.Namespace, cells: list[tuple[int, int]]) -> list[dict[str, Any]]:
     """Brevitas 0.13.4 on the same checkpoint and calibration images, in its own venv; rows appended to --out."""
     from benchmarks.compare_external import ensure_tools_venv
 
-    if algo not in BREVITAS:
-        raise SystemExit(f"--brevitas takes {', '.join(BREVITAS)}; got {algo!r}")
     python, log = ensure_tools_venv()
     if python is None:
         raise SystemExit(f"Brevitas is not installed beside torch: {log}")
@@ -179,8 +184,7 @@ def _brevitas_rows(algo: str, args: argparse.Namespace, cells: list[tuple[int, i
             "detail": got.get("method"),
         }  # fmt: skip
         print(json.dumps(row), flush=True)
-        with open(args.out, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        _append(args.out, row)
         rows.append(row)
     return rows
 
