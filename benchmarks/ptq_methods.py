@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cells", default=";".join(f"{w},{a}" for w, a in CELLS), help="W,A pairs separated by ';'")
     p.add_argument("--images", type=int, default=1024, help="calibration / reconstruction images")
     p.add_argument("--iterations", type=int, default=None, help="reconstruction steps per unit (method default)")
+    p.add_argument("--act-lr", type=float, default=None, help="activation step-size learning rate (method default)")
     p.add_argument("--eval-batch-size", type=int, default=40)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(WORK / "ptq_methods.jsonl"), help="rows, appended as they finish")
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[tuple[str, str, int, int], dict[str, Any]] = {}
     options = {"images": args.images, "progress": True} | ({"iterations": args.iterations} if args.iterations else {})
+    options |= {"act_lr": args.act_lr} if args.act_lr is not None else {}
     granularities = args.granularities.split(",")
     labels = [(m, g) for m in methods for g in granularities]
 
@@ -127,8 +129,9 @@ def main(argv: list[str] | None = None) -> int:
                 "images": args.images, "seed": seed, "observer": args.observer,
                 "activation_observer": args.activation_observer or args.observer,
                 "iterations": args.iterations or "default",
+                "act_lr": args.act_lr if args.act_lr is not None else "default",
             }  # fmt: skip
-            results[(method, gran, w, a)] = row
+            results[(_label(row), gran, w, a)] = row
             print(json.dumps(row), flush=True)
             if not args.quick:
                 _append(args.out, row)
@@ -202,8 +205,18 @@ def _stored(args: argparse.Namespace) -> tuple[list[dict[str, Any]], float, floa
         if r["method"].startswith("Brevitas") and r["images"] == args.images:
             keep[(r["method"], r["weight_bits"], r["activation_bits"])] = r
         elif r["method"] != "fp32" and all(r.get(k) == v for k, v in same.items()):
-            keep[(r["method"], r["weight_bits"], r["activation_bits"])] = r  # the latest measurement wins
+            keep[(_label(r), r["weight_bits"], r["activation_bits"])] = r  # the latest measurement wins
     return list(keep.values()), float(fp32[-1]["test_top1"]), float(fp32[-1]["val_top1"])
+
+
+def _label(r: dict[str, Any]) -> str:
+    """A row's name in the table: the method, with its weight granularity and step-size rate when not the default."""
+    label = str(r["method"])
+    if r.get("granularity", "per_channel") != "per_channel" and not label.startswith("Brevitas"):
+        label += f" ({r['granularity']})"
+    if r.get("act_lr", "default") != "default":
+        label += f" (act_lr {r['act_lr']:g})"
+    return label
 
 
 def _render(
@@ -215,9 +228,7 @@ def _render(
     order += sorted({(r["weight_bits"], r["activation_bits"]) for r in rows} - set(order), reverse=True)
     by: dict[str, dict[tuple[int, int], dict[str, Any]]] = {}
     for r in rows:
-        label = r["method"] if r.get("granularity", "per_channel") == "per_channel" or r["method"].startswith(
-            "Brevitas") else f"{r['method']} ({r['granularity']})"  # fmt: skip
-        by.setdefault(label, {})[(r["weight_bits"], r["activation_bits"])] = r
+        by.setdefault(_label(r), {})[(r["weight_bits"], r["activation_bits"])] = r
 
     def cell(r: dict[str, Any] | None) -> str:
         if r is None:

@@ -132,3 +132,18 @@ def test_bad_input_gives_one_clear_message(mbv2: nn.Module, images: torch.Tensor
     no_weights = QuantConfig(weight=None, method="qdrop")  # activations only: nothing to reconstruct
     with pytest.raises(BitsweepError, match="no quantized weight layer to reconstruct"):
         ptq(copy.deepcopy(mbv2), no_weights, [images], options={"iterations": 1, "progress": False})
+
+
+def test_method_options_reach_the_reconstruction(
+    mbv2: nn.Module, images: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``iterations`` and ``act_lr`` from ``ptq(..., options=...)`` override the method's reconstruction settings."""
+    import bitsweep.quant.methods as methods
+
+    seen: list[ReconstructConfig] = []
+    monkeypatch.setattr(methods, "reconstruct", lambda model, imgs, cfg, progress: seen.append(cfg))
+    cfg = QuantConfig.from_bits(4, 4, method="qdrop")
+    ptq(copy.deepcopy(mbv2), cfg, [images], options={"progress": False})
+    ptq(copy.deepcopy(mbv2), cfg, [images], options={"iterations": 7, "act_lr": 4e-4, "progress": False})
+    assert (seen[0].iterations, seen[0].act_lr) == (ReconstructConfig().iterations, ReconstructConfig().act_lr)
+    assert (seen[1].iterations, seen[1].act_lr, seen[1].drop_prob) == (7, 4e-4, 0.5)

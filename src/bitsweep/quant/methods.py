@@ -61,7 +61,8 @@ class PTQContext:
             asked for one (``PTQMethod.needs_float_model``), to reconstruct against.
         options: method settings from the caller (``ptq(..., options=...)``), e.g. ``images`` (how many
             calibration images learned methods use, default :data:`RECONSTRUCTION_IMAGES`),
-            ``iterations`` (steps per reconstruction unit), ``progress`` (show progress bars).
+            ``iterations`` (steps per reconstruction unit), ``act_lr`` (learning rate of the activation step
+            sizes, for ablations), ``progress`` (show progress bars).
     """
 
     model: nn.Module
@@ -131,6 +132,8 @@ def _reconstruction(**settings: Any) -> PTQStep:
         chosen = dict(settings)
         if "iterations" in ctx.options:
             chosen["iterations"] = int(ctx.options["iterations"])
+        if "act_lr" in ctx.options:
+            chosen["act_lr"] = float(ctx.options["act_lr"])
         reconstruct(
             ctx.model, _images(ctx), ReconstructConfig(**chosen), progress=bool(ctx.options.get("progress", True))
         )

@@ -55,7 +55,10 @@ class ReconstructConfig:
         iterations: Adam steps per unit.
         batch_size: calibration images per step.
         lr: Adam learning rate of the rounding variables.
-        act_lr: Adam learning rate of the activation step sizes (``learn_activations``).
+        act_lr: Adam learning rate of the activation step sizes (``learn_activations``). 1e-2 was chosen on
+            validation images at W4A4 (Fashion-MNIST recipe model, 500 steps): 4e-4, 4e-3, 1e-2 and 2e-2 gave
+            89.02, 90.36, 90.96 and 90.78 %; with few steps a small rate leaves the min-max ranges of 4-bit
+            activations almost where calibration put them.
         reg_weight: weight of the rounding regulariser against the reconstruction error.
         beta_start / beta_end: annealing of the regulariser's exponent (sharp at the end).
         warmup: fraction of the steps with no regulariser (pure reconstruction).
@@ -68,7 +71,7 @@ class ReconstructConfig:
     iterations: int = 500
     batch_size: int = 32
     lr: float = 1e-2
-    act_lr: float = 4e-4
+    act_lr: float = 1e-2
     reg_weight: float = 0.01
     beta_start: float = 20.0
     beta_end: float = 2.0
