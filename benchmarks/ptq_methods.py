@@ -202,9 +202,8 @@ def _stored(args: argparse.Namespace) -> tuple[list[dict[str, Any]], float, floa
             "activation_observer": args.activation_observer or args.observer}  # fmt: skip
     keep: dict[tuple[str, int, int], dict[str, Any]] = {}
     for r in rows:
-        if r["method"].startswith("Brevitas") and r["images"] == args.images:
-            keep[(r["method"], r["weight_bits"], r["activation_bits"])] = r
-        elif r["method"] != "fp32" and all(r.get(k) == v for k, v in same.items()):
+        brevitas = r["method"].startswith("Brevitas") and r["images"] == args.images
+        if brevitas or (r["method"] != "fp32" and all(r.get(k) == v for k, v in same.items())):
             keep[(_label(r), r["weight_bits"], r["activation_bits"])] = r  # the latest measurement wins
     return list(keep.values()), float(fp32[-1]["test_top1"]), float(fp32[-1]["val_top1"])
 

@@ -127,13 +127,16 @@ def _bias_correction(ctx: PTQContext) -> None:
     correct_bias(ctx.model, _images(ctx), progress=bool(ctx.options.get("progress", True)))
 
 
+_CALLER_SETTINGS: Mapping[str, Callable[[Any], Any]] = MappingProxyType({"iterations": int, "act_lr": float})
+# ReconstructConfig fields a caller may override through ``options``
+
+
 def _reconstruction(**settings: Any) -> PTQStep:
     def step(ctx: PTQContext) -> None:
         chosen = dict(settings)
-        if "iterations" in ctx.options:
-            chosen["iterations"] = int(ctx.options["iterations"])
-        if "act_lr" in ctx.options:
-            chosen["act_lr"] = float(ctx.options["act_lr"])
+        for key, kind in _CALLER_SETTINGS.items():
+            if key in ctx.options:
+                chosen[key] = kind(ctx.options[key])
         reconstruct(
             ctx.model, _images(ctx), ReconstructConfig(**chosen), progress=bool(ctx.options.get("progress", True))
         )
