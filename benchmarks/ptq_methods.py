@@ -35,7 +35,8 @@ from bitsweep.backend.simulate import evaluation_model, runner_for  # noqa: E402
 from bitsweep.config import DataConfig  # noqa: E402
 from bitsweep.data import load_dataset  # noqa: E402
 from bitsweep.models import create_model  # noqa: E402
-from bitsweep.quant import QuantConfig, ptq  # noqa: E402
+from bitsweep.quant import LayerOverride, QuantConfig, ptq  # noqa: E402
+from bitsweep.quant.config import split_observers  # noqa: E402
 from bitsweep.sweep.evaluate import accuracy, normalize  # noqa: E402
 from bitsweep.training import load_model  # noqa: E402
 
@@ -62,13 +63,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(WORK / "ptq_methods.jsonl"), help="rows, appended as they finish")
     p.add_argument("--granularities", default="per_channel", help="weight granularities, comma-separated")
     p.add_argument("--section", default="ptq_methods", help="the BENCHMARKS.md section to write")
-    p.add_argument("--observer", default="minmax", help="weight observer (activations too, unless given)")
+    p.add_argument("--observer", default="minmax",
+                   help="weight observer (activations too, unless given), or WEIGHTS/ACTIVATIONS")  # fmt: skip
     p.add_argument("--activation-observer", default=None, help="activation observer (default: --observer)")
+    p.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="PATTERN=W,A",
+        help="per-layer bits, as bitsweep quantize's (e.g. 'features.0*=8,8'); rows are labelled with them",
+    )
     p.add_argument("--print-only", action="store_true", help="print the table; write no BENCHMARKS section")
     p.add_argument("--brevitas", default="", help=f"also run Brevitas: comma-separated of {', '.join(BREVITAS)}")
     p.add_argument("--table", action="store_true", help="only write the section from the rows stored in --out")
     p.add_argument("--quick", action="store_true", help="tiny random model and data; prints only")
     args = p.parse_args(argv)
+    try:  # 'mse/minmax' is stored like --observer mse --activation-observer minmax, so the rows match either way
+        if "/" in args.observer and args.activation_observer is None:
+            args.observer, args.activation_observer = split_observers(args.observer)
+        overrides = tuple(LayerOverride.parse(o) for o in args.override)
+    except ValueError as e:
+        p.error(str(e))
     torch.set_num_threads(args.threads)
     unknown = [a for a in args.brevitas.split(",") if a and a not in BREVITAS]
     if unknown:  # refused before any measurement, not after the grid
@@ -112,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def cfg_of(w: int, a: int, gran: str, method: str) -> QuantConfig:
         obs, act_obs = args.observer, args.activation_observer
-        return QuantConfig.from_bits(w, a, gran, obs, activation_observer=act_obs, method=method)
+        return QuantConfig.from_bits(w, a, gran, obs, activation_observer=act_obs, method=method, overrides=overrides)
 
     for method, gran in labels:
         for w, a in cells:
@@ -130,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                 "activation_observer": args.activation_observer or args.observer,
                 "iterations": args.iterations or "default",
                 "act_lr": args.act_lr if args.act_lr is not None else "default",
-            }  # fmt: skip
+            } | ({"overrides": list(args.override)} if args.override else {})  # fmt: skip
             results[(_label(row), gran, w, a)] = row
             print(json.dumps(row), flush=True)
             if not args.quick:
@@ -215,6 +230,8 @@ def _label(r: dict[str, Any]) -> str:
         label += f" ({r['granularity']})"
     if r.get("act_lr", "default") != "default":
         label += f" (act_lr {r['act_lr']:g})"
+    if r.get("overrides"):
+        label += f" ({', '.join(r['overrides'])})"
     return label
 
 

@@ -28,6 +28,16 @@ def test_quantize_writes_checkpoint_and_record(checkpoint: Path, tmp_path: Path,
     assert record["quant_config"]["method"] == "rtn" and record["calibration_batches"] == 1
 
 
+def test_observer_for_weights_and_activations_apart(checkpoint: Path, tmp_path: Path, capsys) -> None:
+    """``--observer mse/minmax`` reaches the recorded config: MSE weight scales, min-max activation ranges."""
+    out = tmp_path / "q.pt"
+    rc = main(["quantize", str(checkpoint), "--weight-bits", "2", "--observer", "mse/minmax", "--calib-batches", "1",
+               "--output", str(out), "--device", "cpu"])  # fmt: skip
+    assert rc == 0
+    config = json.loads(out.with_suffix(".json").read_text())["quant_config"]
+    assert (config["weight_observer"], config["activation_observer"]) == ("mse", "minmax")
+
+
 def test_calibration_batches_recorded_as_seen(checkpoint: Path, tmp_path: Path, capsys) -> None:
     """Asking for 1000 batches of a 500-image split in batches of 100 calibrates on (and records) 5."""
     out = tmp_path / "q.pt"
@@ -44,6 +54,7 @@ def test_calibration_batches_recorded_as_seen(checkpoint: Path, tmp_path: Path, 
         (["--weight-bits", "0"], "1 to 16"),
         (["--activation-bits", "17"], "1 to 16"),
         (["--observer", "bogus"], "observer"),
+        (["--observer", "mse/minmax/mse"], "WEIGHTS/ACTIVATIONS"),
         (["--method", "bogus"], "unknown post-training method 'bogus'; choose one of rtn"),
         (["--calib-batches", "0"], "calib-batches"),
         (["--override", "nonsense"], "PATTERN"),

@@ -162,6 +162,18 @@ def test_errors_are_user_errors(mbv2: nn.Module) -> None:
         QuantConfig.from_bits(8, 8, observer="bogus")
 
 
+def test_weight_and_activation_observers_from_one_name() -> None:
+    """``mse/minmax`` is MSE weight scales with min-max activation ranges; a bad form says how to write it."""
+    cfg = QuantConfig.from_bits(2, 4, observer="mse/minmax")
+    assert (cfg.weight_observer, cfg.activation_observer) == ("mse", "minmax")
+    assert QuantConfig.from_bits(4, 4, observer="percentile").activation_observer == "percentile"
+    for bad in ("mse/", "/mse", "a/b/c", "mse/bogus"):
+        with pytest.raises(ValueError, match="observer"):
+            QuantConfig.from_bits(4, 4, observer=bad)
+    with pytest.raises(ValueError, match="drop one"):
+        QuantConfig.from_bits(4, 4, observer="mse/minmax", activation_observer="mse")
+
+
 @pytest.mark.parametrize("observer", ["minmax", "moving_average", "percentile", "mse"])
 def test_every_observer_runs(mbv2: nn.Module, images: torch.Tensor, observer: str) -> None:
     out = _prepare(mbv2, images, 4, 4, observer=observer)(images)

@@ -105,3 +105,16 @@ def test_spread_compiles_only_reorders_and_leads_with_one_cell_per_compiled_grap
     assert sorted(c.cell_id for c in spread) == sorted(c.cell_id for c in cells)
     assert [compile_group(c) for c in spread[:4]] == ["float", "narrow", "wide", "w8a8"]
     assert spread_compiles(spread) == spread  # stable
+
+
+def test_observer_pair_is_an_axis_value() -> None:
+    """``mse/minmax`` sweeps like any observer: its own cell, its own label, and the config splits it."""
+    from bitsweep.sweep.evaluate import quant_config_for
+
+    cells = expand_grid({"weight_bits": [2], "activation_bits": [4], "observer": ["mse", "mse/minmax"]},
+                        include_baseline=False)  # fmt: skip
+    assert len({c.cell_id for c in cells}) == 2
+    pair = next(c for c in cells if c.observer == "mse/minmax")
+    assert pair.label == "W2A4 per_channel mse/minmax"
+    config = quant_config_for(pair)
+    assert (config.weight_observer, config.activation_observer) == ("mse", "minmax")

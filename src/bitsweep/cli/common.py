@@ -96,6 +96,21 @@ def require_positive(name: str, value: int) -> int:
     return value
 
 
+OBSERVERS_HELP = (
+    "range observer: minmax, moving_average, percentile or mse for weights and activations, or "
+    "WEIGHTS/ACTIVATIONS such as mse/minmax (MSE weight scales, min-max activation ranges)"
+)
+
+
+def add_observer_option(parser: argparse.ArgumentParser, *, several: bool = False) -> None:
+    """``--observer``: one observer, or ``WEIGHTS/ACTIVATIONS`` (a comma-separated sweep axis when ``several``)."""
+    if several:
+        parser.add_argument("--observer", type=str_list, default=["minmax"],
+                            help=f"{OBSERVERS_HELP}; comma-separated to sweep several (default: minmax)")  # fmt: skip
+    else:
+        parser.add_argument("--observer", default="minmax", help=f"{OBSERVERS_HELP} (default: minmax)")
+
+
 def add_threads_option(parser: argparse.ArgumentParser, note: str = "") -> None:
     """``--threads``: torch threads; the CLI's ``main`` resolves and applies it before the command runs.
 

@@ -66,6 +66,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    help="quantize a float checkpoint with this per-layer bit-width file (a search's "
                    "layer_bits.yaml) instead of --weight-bits/--activation-bits")  # fmt: skip
     p.add_argument("--calib-batches", type=int, default=16, help="calibration batches (float checkpoints only)")
+    common.add_observer_option(p)
     common.add_method_options(p)
     p.add_argument("--batch-size", type=int, default=256, help="batch size for calibration and the check")
     p.add_argument("--check-batches", type=int, default=2, help="test batches used to verify the exported file")
@@ -99,8 +100,9 @@ def _float_config(loaded: Loaded, args: argparse.Namespace) -> QuantConfig:
                             "(or run 'bitsweep quantize')")  # fmt: skip
     try:
         if args.layer_bits is None:
-            return QuantConfig.from_bits(args.weight_bits, args.activation_bits, method=args.method)
-        base = QuantConfig.from_bits(8, 8, method=args.method)
+            return QuantConfig.from_bits(args.weight_bits, args.activation_bits, observer=args.observer,
+                                         method=args.method)  # fmt: skip
+        base = QuantConfig.from_bits(8, 8, observer=args.observer, method=args.method)
     except ValueError as e:
         raise BitsweepError(str(e)) from None
     return load_layer_bits(args.layer_bits, layer_names(loaded.model, base)).to_quant_config(base)

@@ -68,7 +68,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument(
         "--observer",
         default="mse",
-        help="initial ranges: minmax, moving_average, percentile or mse (LSQ then learns them)",
+        help="initial ranges: minmax, moving_average, percentile or mse, or WEIGHTS/ACTIVATIONS such as mse/minmax "
+        "(LSQ then learns them; default: mse)",
     )
     p.add_argument("--granularity", default="per_channel", help="weight scales: per_channel or per_tensor")
     p.add_argument(

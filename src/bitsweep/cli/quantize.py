@@ -41,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--activation-bits", "--activation_quant_bits", dest="activation_bits", type=int, default=8,
                    help="activation bit width, 1..16")  # fmt: skip
     p.add_argument("--granularity", default="per_channel", help="weight scales: per_channel or per_tensor")
-    p.add_argument("--observer", default="minmax", help="minmax, moving_average, percentile or mse")
+    common.add_observer_option(p)
     common.add_method_options(p)
     p.add_argument("--calib-batches", type=int, default=16, help="calibration batches")
     p.add_argument("--calib-split", default="train", choices=("train", "val"), help="split to calibrate on")

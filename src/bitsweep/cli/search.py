@@ -83,7 +83,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    help="validation images of the Hessian loss with --sensitivity hessian (default "
                    f"{HessianConfig.images}, at most --val-images)")  # fmt: skip
     p.add_argument("--granularity", default="per_channel", help="weight scales: per_channel or per_tensor")
-    p.add_argument("--observer", default="minmax", help="minmax, moving_average, percentile or mse")
+    common.add_observer_option(p)
     common.add_scale_dtype_option(p, default="float16")  # the search's job is the smallest file
     common.add_method_options(p)
     p.add_argument("--calib-batches", type=int, default=8, help="calibration batches of training images")

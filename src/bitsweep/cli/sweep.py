@@ -38,12 +38,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument(
         "--granularity", type=common.str_list, default=["per_channel"], help="weight scales: per_channel,per_tensor"
     )
-    p.add_argument(
-        "--observer",
-        type=common.str_list,
-        default=["minmax"],
-        help="range observers: minmax,moving_average,percentile,mse",
-    )
+    common.add_observer_option(p, several=True)
     common.add_method_options(p, several=True)
     p.add_argument(
         "--calib-batches", type=int, default=8, help="calibration batches of training images (collected once)"

@@ -23,6 +23,24 @@ from bitsweep.quant.scale_dtype import check_scale_dtype
 from bitsweep.quant.spec import GRANULARITIES, QuantSpec, check_bits
 
 
+def split_observers(text: str) -> tuple[str, str]:
+    """``'mse'`` -> ``('mse', 'mse')``; ``'mse/minmax'`` -> weights ``mse``, activations ``minmax``.
+
+    >>> split_observers("mse/minmax")
+    ('mse', 'minmax')
+    >>> split_observers("percentile")
+    ('percentile', 'percentile')
+    """
+    parts = str(text).split("/")
+    if len(parts) > 2 or not all(p.strip() for p in parts):
+        raise ValueError(
+            f"observer {text!r} must be one name (minmax, moving_average, percentile, mse) for weights and "
+            "activations, or two as WEIGHTS/ACTIVATIONS such as mse/minmax"
+        )
+    weights, activations = parts[0].strip(), parts[-1].strip()
+    return weights, activations
+
+
 def weight_spec(bits: int, granularity: str = "per_channel") -> QuantSpec:
     """The default weight spec: signed symmetric, narrow range (ternary at 2 bits), per channel."""
     check_bits(bits, "weight bits")
@@ -142,14 +160,22 @@ class QuantConfig:
         method: str = "rtn",
         scale_dtype: str = "float32",
     ) -> QuantConfig:
-        """The usual recipe from bit widths (None keeps that part in floating point)."""
+        """The usual recipe from bit widths (None keeps that part in floating point).
+
+        ``observer`` names one observer for weights and activations, or two as ``WEIGHTS/ACTIVATIONS``
+        (``mse/minmax``: MSE weight scales, min-max activation ranges), the form every command's
+        ``--observer`` takes; ``activation_observer``, when given, is the activations' one.
+        """
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
+        weight_observer, split_activation = split_observers(observer)
+        if activation_observer is not None and "/" in str(observer):
+            raise ValueError(f"observer {observer!r} already names the activation observer; drop one of the two")
         return cls(
             weight=None if weight_bits is None else weight_spec(weight_bits, granularity),
             activation=None if activation_bits is None else activation_spec(activation_bits),
-            weight_observer=observer,
-            activation_observer=activation_observer or observer,
+            weight_observer=weight_observer,
+            activation_observer=activation_observer or split_activation,
             fold_bn=fold_bn,
             overrides=tuple(overrides),
             method=method,

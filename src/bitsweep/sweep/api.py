@@ -169,7 +169,9 @@ def checkpoint_cell(path: str | os.PathLike[str], record: ModelRecord) -> Cell:
         weight_bits=weight.bits if weight is not None else None,
         activation_bits=act.bits if act is not None else None,
         granularity=weight.granularity if weight is not None else "per_channel",
-        observer=config.weight_observer,
+        observer=config.weight_observer
+        if config.activation_observer == config.weight_observer
+        else f"{config.weight_observer}/{config.activation_observer}",
         symmetric=weight.symmetric if weight is not None else True,
         method=config.method,
         checkpoint=str(loaded.path.resolve()),
