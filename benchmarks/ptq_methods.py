@@ -213,8 +213,10 @@ def _stored(args: argparse.Namespace) -> tuple[list[dict[str, Any]], float, floa
     fp32 = [r for r in rows if r["method"] == "fp32"]
     if not fp32:
         raise SystemExit(f"{args.out} has no FP32 row; run the measurement first")
-    same = {"images": args.images, "iterations": args.iterations or "default", "observer": args.observer,
+    same = {"images": args.images, "observer": args.observer,
             "activation_observer": args.activation_observer or args.observer}  # fmt: skip
+    if args.iterations:  # else every step count, each labelled by _label
+        same["iterations"] = args.iterations
     keep: dict[tuple[str, int, int], dict[str, Any]] = {}
     for r in rows:
         brevitas = r["method"].startswith("Brevitas") and r["images"] == args.images
@@ -228,6 +230,8 @@ def _label(r: dict[str, Any]) -> str:
     label = str(r["method"])
     if r.get("granularity", "per_channel") != "per_channel" and not label.startswith("Brevitas"):
         label += f" ({r['granularity']})"
+    if r.get("iterations", "default") != "default" and not label.startswith("Brevitas"):
+        label += f" ({r['iterations']} steps)"
     if r.get("act_lr", "default") != "default":
         label += f" (act_lr {r['act_lr']:g})"
     if r.get("overrides"):
@@ -269,7 +273,7 @@ def _render(
         ]  # fmt: skip
     )
     headers = ["method"] + [f"W{w}A{a}" for w, a in order] + ["seconds per cell (mean)"]
-    iters = f"{args.iterations} steps per unit" if args.iterations else "default steps per unit"
+    iters = f"{args.iterations} steps per unit" if args.iterations else "the method's steps per unit unless named"
     brevitas = ""
     if any(label.startswith("Brevitas") for label in by):
         brevitas = (
