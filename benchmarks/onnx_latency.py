@@ -93,17 +93,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=str(WORK / "fmnist_mbv2" / "best.pt"))
     parser.add_argument("--iters", type=int, default=200, help="timed runs per measurement (median reported)")
-    parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all)")
+    parser.add_argument(
+        "--threads", default=None, help="onnxruntime intra-op threads, comma-separated to time each (1,2; default: all)"
+    )
     parser.add_argument("--quick", action="store_true", help="random tiny model, 5 iterations; prints only")
     args = parser.parse_args()
     iters = 5 if args.quick else args.iters
+    try:
+        threads = [int(t) for t in args.threads.split(",")] if args.threads else [0]
+    except ValueError:
+        parser.error(f"--threads takes whole numbers separated by commas, got {args.threads!r}")
+    if args.threads and min(threads) < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads!r}")
     model, shape, calib, test = _setup(args)
     fp32 = copy.deepcopy(model).eval()
     fold_batchnorm(fp32)
     w4a8 = ptq(copy.deepcopy(model), QuantConfig.from_bits(4, 8), calib).model
     model = ptq(model, QuantConfig.from_bits(8, 8), calib).model
     sims = {"W8A8": _Memo(simulate(model, test[0][0][:1])), "W4A8": _Memo(simulate(w4a8, test[0][0][:1]))}
-    settings = OrtSettings(intra_op_threads=args.threads or 0).resolved()
+    all_settings = [OrtSettings(intra_op_threads=t).resolved() for t in threads]
     rows, notes = [], []
     with tempfile.TemporaryDirectory() as d:
         paths = {
@@ -127,19 +135,23 @@ def main() -> None:
             notes.append(f"- {name}: top-1 {c.onnx_top1:.2f}% (integer-exact simulation {c.simulated_top1:.2f}%), "
                          f"same prediction as the simulation on {c.top1_agreement:.2f}% of {c.images} test images, "
                          f"max logit difference {c.max_logit_diff:.3g}")  # fmt: skip
-        lat = compare_latency(paths, shape, batch_sizes=(1, 64), runs=iters, settings=settings)
-        base = {r.batch: r.median_ms for r in lat if r.model == "FP32"}
-        for r in lat:
-            rows.append([r.model, r.batch, f"{r.median_ms:.3f}", f"{r.images_per_s:,.0f}",
-                         f"{base[r.batch] / r.median_ms:.2f}x", f"{paths[r.model].stat().st_size:,}"])  # fmt: skip
-    table = md_table(["model", "batch", "median latency (ms)", "images/s", "speed-up vs FP32", "file (B)"], rows)
+        for settings in all_settings:  # each thread count: FP32 and int8 timed in turn, compared at that count
+            n = settings.intra_op_threads
+            lat = compare_latency(paths, shape, batch_sizes=(1, 64), runs=iters, settings=settings)
+            base = {r.batch: r.median_ms for r in lat if r.model == "FP32"}
+            for r in lat:
+                rows.append([r.model, r.batch, n, f"{r.median_ms:.3f}", f"{r.images_per_s:,.0f}",
+                             f"{base[r.batch] / r.median_ms:.2f}x", f"{paths[r.model].stat().st_size:,}"])  # fmt: skip
+    columns = ["model", "batch", "threads", "median latency (ms)", "images/s", "speed-up vs FP32 (same threads)"]
+    table = md_table([*columns, "file (B)"], rows)
     cmd = "python benchmarks/onnx_latency.py " + " ".join(sys.argv[1:])
-    s = settings
+    s = all_settings[0]
+    counts = " and ".join(str(x.intra_op_threads) for x in all_settings)
     text = (f"### ONNX latency, int8 vs FP32 (onnxruntime, CPU, {machine_key()})\n\n{header(cmd)}\n{table}\n\n"
             "Agreement with bitsweep's integer-exact simulation of the same model (W8A8 unless the row says W4A8; "
             "quantize_static makes its own quantization, so only its top-1 compares):\n\n" + "\n".join(notes) + "\n\n"
             f"Median of {iters} runs after warm-up, the files timed in turn per batch size; onnxruntime "
-            f"{__import__('onnxruntime').__version__}, {s.graph_optimization}, {s.intra_op_threads} intra-op threads, "
+            f"{__import__('onnxruntime').__version__}, {s.graph_optimization}, {counts} intra-op thread(s), "
             f"{s.inter_op_threads} inter-op thread, {s.execution_mode.lower()}. int8 dense weights are exact only "
             "on VNNI/AMX CPUs (onnxruntime's AVX2 u8s8 kernels saturate int16 pair sums); the default `auto` takes "
             "them only for layers whose pair sums fit int16 (all of W4A8's), so it is exact everywhere.\n")  # fmt: skip
