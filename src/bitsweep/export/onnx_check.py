@@ -118,17 +118,7 @@ class Latency:
         return 1000.0 * self.batch / self.median_ms
 
 
-def median_latency_ms(sess: Any, x: np.ndarray, runs: int, warmup: int = 3) -> float:
-    """Median wall time of ``runs`` calls of ``sess`` on ``x`` after ``warmup`` untimed calls."""
-    feed = {"input": x}
-    for _ in range(warmup):
-        sess.run(["logits"], feed)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        sess.run(["logits"], feed)
-        times.append(time.perf_counter() - t)
-    return 1000.0 * statistics.median(times)
+BLOCK = 10  # timed calls of one file in a row (see compare_latency)
 
 
 def compare_latency(
@@ -137,17 +127,31 @@ def compare_latency(
 ) -> list[Latency]:  # fmt: skip
     """Median latency of every file at every batch size, sessions made with the same ``settings``.
 
-    Files are timed in turn at each batch size (not one file then the other),
-    so a load change on a shared machine hits both about equally.
+    The files are timed in rounds at each batch size: a block of ``BLOCK`` calls of
+    each file in turn, the first call of every block untimed, until each file has
+    ``runs`` timed calls. Timing all of one file's calls and then the other's lets a
+    load change on a shared machine land on one file only. Single calls in turn do
+    not work either: onnxruntime's worker threads spin for a while after each call,
+    and the spinning threads of the session that just ran slow down the next one.
     """
     settings = settings or OrtSettings()
     sessions = {name: settings.session(p) for name, p in paths.items()}
     rng = np.random.default_rng(0)
-    out = []
+    out: list[Latency] = []
     for batch in batch_sizes:
-        x = rng.standard_normal((batch, *input_shape)).astype(np.float32)
-        for name, sess in sessions.items():
-            out.append(Latency(name, batch, median_latency_ms(sess, x, runs), runs))
+        feed = {"input": rng.standard_normal((batch, *input_shape)).astype(np.float32)}
+        for sess in sessions.values():  # warm-up: first calls allocate and pick kernels
+            for _ in range(3):
+                sess.run(["logits"], feed)
+        times: dict[str, list[float]] = {name: [] for name in sessions}
+        while len(times[next(iter(times))]) < runs:
+            for name, sess in sessions.items():
+                sess.run(["logits"], feed)  # untimed: the previous session's threads are still spinning
+                for _ in range(min(BLOCK, runs - len(times[name]))):
+                    t = time.perf_counter()
+                    sess.run(["logits"], feed)
+                    times[name].append(time.perf_counter() - t)
+        out.extend(Latency(name, batch, 1000.0 * statistics.median(ts), runs) for name, ts in times.items())
     return out
 
 
