@@ -30,7 +30,7 @@ from _common import WORK, header, machine_key, md_table, update_section  # noqa:
 
 from bitsweep.backend.simulate import simulate  # noqa: E402
 from bitsweep.export.onnx import export_onnx  # noqa: E402
-from bitsweep.export.onnx_check import OrtSettings, compare_latency, compare_logits  # noqa: E402
+from bitsweep.export.onnx_check import BLOCK, OrtSettings, compare_latency, compare_logits  # noqa: E402
 from bitsweep.export.onnx_qop import export_onnx_qop  # noqa: E402
 from bitsweep.quant import QuantConfig, fold_batchnorm, ptq  # noqa: E402
 
@@ -150,8 +150,7 @@ def main() -> None:
     text = (f"### ONNX latency, int8 vs FP32 (onnxruntime, CPU, {machine_key()})\n\n{header(cmd)}\n{table}\n\n"
             "Agreement with bitsweep's integer-exact simulation of the same model (W8A8 unless the row says W4A8; "
             "quantize_static makes its own quantization, so only its top-1 compares):\n\n" + "\n".join(notes) + "\n\n"
-            f"Median of {iters} runs after warm-up, the files timed in turn in blocks of 10 calls; "
-            "onnxruntime "
+            f"Median of {iters} runs after warm-up, the files timed in turn in blocks of {BLOCK} calls; onnxruntime "
             f"{__import__('onnxruntime').__version__}, {s.graph_optimization}, {counts} intra-op thread(s), "
             f"{s.inter_op_threads} inter-op thread, {s.execution_mode.lower()}. int8 dense weights are exact only "
             "on VNNI/AMX CPUs (onnxruntime's AVX2 u8s8 kernels saturate int16 pair sums); the default `auto` takes "

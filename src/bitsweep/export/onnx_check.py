@@ -144,10 +144,10 @@ def compare_latency(
             for _ in range(3):
                 sess.run(["logits"], feed)
         times: dict[str, list[float]] = {name: [] for name in sessions}
-        while len(times[next(iter(times))]) < runs:
+        for start in range(0, runs, BLOCK):
             for name, sess in sessions.items():
                 sess.run(["logits"], feed)  # untimed: the previous session's threads are still spinning
-                for _ in range(min(BLOCK, runs - len(times[name]))):
+                for _ in range(min(BLOCK, runs - start)):
                     t = time.perf_counter()
                     sess.run(["logits"], feed)
                     times[name].append(time.perf_counter() - t)
