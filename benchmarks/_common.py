@@ -50,11 +50,21 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+def avx2_emulated() -> bool:
+    """Whether this process runs as an AVX2-only CPU would: oneDNN limited by ``ONEDNN_MAX_CPU_ISA=AVX2`` and
+    ATen/Inductor by ``ATEN_CPU_CAPABILITY=avx2`` (same kernels and instructions; another microarchitecture)."""
+    return (os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() == "AVX2"
+            and os.environ.get("ATEN_CPU_CAPABILITY", "").lower() == "avx2")  # fmt: skip
+
+
 def int8_instructions() -> str:
     """The CPU's int8 dot-product instructions, as the int8 kernels see them: AMX, AVX-512 VNNI, AVX-VNNI or none."""
     flags = _cpu_flags()
     found = [name for flag, name in (("amx_int8", "AMX"), ("avx512_vnni", "AVX-512 VNNI"), ("avx_vnni", "AVX-VNNI"))
              if flag in flags]  # fmt: skip
+    if avx2_emulated():
+        return (f"none: AVX2 only, set by ONEDNN_MAX_CPU_ISA=AVX2 and ATEN_CPU_CAPABILITY=avx2 on a CPU that has "
+                f"{', '.join(found) or 'no int8 dot products'}")  # fmt: skip
     return ", ".join(found) or ("none (AVX2 only)" if "avx2" in flags else "none")
 
 
@@ -64,7 +74,7 @@ def machine_key() -> str:
     vendor = "intel-xeon" if "xeon" in cpu else "amd-epyc" if "epyc" in cpu else re.sub(r"[^a-z0-9]+", "-", cpu)[:24]
     flags = _cpu_flags()
     isa = "amx" if "amx_int8" in flags else "vnni" if flags & {"avx512_vnni", "avx_vnni"} else "avx2"
-    return f"{vendor}-{isa}"
+    return f"{vendor}-{isa}" + ("-as-avx2" if avx2_emulated() and isa != "avx2" else "")
 
 
 def header(command: str) -> str:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import WORK, header, machine_key, md_table, update_section  # noqa: E402
+from _common import WORK, avx2_emulated, header, machine_key, md_table, update_section  # noqa: E402
 
 from bitsweep.backend.simulate import simulate  # noqa: E402
 from bitsweep.export.onnx import export_onnx  # noqa: E402
@@ -94,11 +94,17 @@ def main() -> None:
     parser.add_argument("--checkpoint", default=str(WORK / "fmnist_mbv2" / "best.pt"))
     parser.add_argument("--iters", type=int, default=200, help="timed runs per measurement (median reported)")
     parser.add_argument(
-        "--threads", default=None, help="onnxruntime intra-op threads, comma-separated to time each (1,2; default: all)"
+        "--threads",
+        default=None,
+        help="onnxruntime intra-op threads, comma-separated to time each (1,2; default: auto, 1 at batch 1 and all "
+        "available cores at batch 64, what `bitsweep export --int8` times)",
     )
     parser.add_argument("--quick", action="store_true", help="random tiny model, 5 iterations; prints only")
     args = parser.parse_args()
     iters = 5 if args.quick else args.iters
+    if avx2_emulated():
+        parser.error("onnxruntime ignores ONEDNN_MAX_CPU_ISA and ATEN_CPU_CAPABILITY (its kernels read the CPU's own "
+                     "flags): unset them, and run this on an AVX2-only CPU for AVX2 figures")  # fmt: skip
     try:
         threads = [int(t) for t in args.threads.split(",")] if args.threads else [0]
     except ValueError:
@@ -111,7 +117,7 @@ def main() -> None:
     w4a8 = ptq(copy.deepcopy(model), QuantConfig.from_bits(4, 8), calib).model
     model = ptq(model, QuantConfig.from_bits(8, 8), calib).model
     sims = {"W8A8": _Memo(simulate(model, test[0][0][:1])), "W4A8": _Memo(simulate(w4a8, test[0][0][:1]))}
-    all_settings = [OrtSettings(intra_op_threads=t).resolved() for t in threads]
+    all_settings = [OrtSettings(intra_op_threads=t) for t in threads]
     rows, notes = [], []
     with tempfile.TemporaryDirectory() as d:
         paths = {
@@ -136,23 +142,20 @@ def main() -> None:
                          f"same prediction as the simulation on {c.top1_agreement:.2f}% of {c.images} test images, "
                          f"max logit difference {c.max_logit_diff:.3g}")  # fmt: skip
         for settings in all_settings:  # each thread count: FP32 and int8 timed in turn, compared at that count
-            n = settings.intra_op_threads
             lat = compare_latency(paths, shape, batch_sizes=(1, 64), runs=iters, settings=settings)
             base = {r.batch: r.median_ms for r in lat if r.model == "FP32"}
             for r in lat:
-                rows.append([r.model, r.batch, n, f"{r.median_ms:.3f}", f"{r.images_per_s:,.0f}",
+                rows.append([r.model, r.batch, r.threads, f"{r.median_ms:.3f}", f"{r.images_per_s:,.0f}",
                              f"{base[r.batch] / r.median_ms:.2f}x", f"{paths[r.model].stat().st_size:,}"])  # fmt: skip
     columns = ["model", "batch", "threads", "median latency (ms)", "images/s", "speed-up vs FP32 (same threads)"]
     table = md_table([*columns, "file (B)"], rows)
     cmd = "python benchmarks/onnx_latency.py " + " ".join(sys.argv[1:])
-    s = all_settings[0]
-    counts = " and ".join(str(x.intra_op_threads) for x in all_settings)
+    settings_text = "; ".join(x.describe() for x in all_settings)
     text = (f"### ONNX latency, int8 vs FP32 (onnxruntime, CPU, {machine_key()})\n\n{header(cmd)}\n{table}\n\n"
             "Agreement with bitsweep's integer-exact simulation of the same model (W8A8 unless the row says W4A8; "
             "quantize_static makes its own quantization, so only its top-1 compares):\n\n" + "\n".join(notes) + "\n\n"
-            f"Median of {iters} runs after warm-up, the files timed in turn in blocks of {BLOCK} calls; onnxruntime "
-            f"{__import__('onnxruntime').__version__}, {s.graph_optimization}, {counts} intra-op thread(s), "
-            f"{s.inter_op_threads} inter-op thread, {s.execution_mode.lower()}. int8 dense weights are exact only "
+            f"Median of {iters} runs after warm-up, the files timed in turn in blocks of {BLOCK} calls; "
+            f"{settings_text}. int8 dense weights are exact only "
             "on VNNI/AMX CPUs (onnxruntime's AVX2 u8s8 kernels saturate int16 pair sums); the default `auto` takes "
             "them only for layers whose pair sums fit int16 (all of W4A8's), so it is exact everywhere.\n")  # fmt: skip
     print(text)

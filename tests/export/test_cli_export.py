@@ -16,6 +16,7 @@ from bitsweep.config import DataConfig, ModelConfig, RunConfig, to_dict
 from bitsweep.measure.summary import describe_compression
 from bitsweep.models import create_model
 from bitsweep.quant import QuantConfig, ptq
+from bitsweep.runtime import available_cores
 from bitsweep.search import LayerBits, layer_names, save_layer_bits
 
 
@@ -102,9 +103,12 @@ def test_export_onnx_int8_is_qop_with_check_and_latency(
     text = capsys.readouterr().out
     assert "QOperator int8" in text and "vs integer-exact simulation" in text and "intra-op threads" in text
     record = json.loads((tmp_path / "m.int8.onnx.json").read_text())["onnx_qop"]
-    assert {(r["model"], r["batch"]) for r in record["latency"]} == {("FP32", 1), ("int8", 1), ("FP32", 64),
-                                                                     ("int8", 64)}  # fmt: skip
+    cores = available_cores()  # batch 1 on one thread, batches on every available core
+    assert {(r["model"], r["batch"], r["threads"]) for r in record["latency"]} == {
+        ("FP32", 1, 1), ("int8", 1, 1), ("FP32", 64, cores), ("int8", 64, cores)}  # fmt: skip
+    assert "batch   1, 1 thread :" in text and f"batch  64, {cores} thread" in text
     assert record["settings"]["graph_optimization"] == "ORT_ENABLE_ALL" and record["check"]["top1_agreement"] >= 90
+    assert record["settings"]["intra_op_threads"] == 0  # auto
 
 
 @pytest.fixture(scope="module")

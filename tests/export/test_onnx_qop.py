@@ -20,6 +20,7 @@ from bitsweep.export.onnx_qop import export_onnx_qop
 from bitsweep.models.registry import create_model
 from bitsweep.quant import QuantConfig, ptq
 from bitsweep.quant.scale_dtype import apply_scale_dtype
+from bitsweep.runtime import available_cores
 
 SHAPE = (1, 28, 28)
 FLOAT_OPS = {"Conv", "Add", "MatMul", "Gemm", "GlobalAveragePool", "AveragePool", "FusedConv", "FusedGemm"}
@@ -139,7 +140,15 @@ def test_check_and_latency_helpers(w8a8: nn.Module, tmp_path: Path) -> None:
     check = check_qop(path, w8a8, [(_images(64), torch.zeros(64, dtype=torch.long))])
     assert check.images == 64 and check.top1_agreement >= 98.0 and check.onnx_top1 is not None
     rows = compare_latency({"int8": path}, SHAPE, batch_sizes=(1, 2), runs=2, settings=OrtSettings(intra_op_threads=1))
-    assert [(r.model, r.batch) for r in rows] == [("int8", 1), ("int8", 2)] and all(r.median_ms > 0 for r in rows)
+    assert [(r.model, r.batch, r.threads) for r in rows] == [("int8", 1, 1), ("int8", 2, 1)]
+    assert all(r.median_ms > 0 for r in rows)
+
+
+def test_auto_threads_are_one_for_single_images_and_every_core_for_batches() -> None:
+    auto, fixed = OrtSettings(), OrtSettings(intra_op_threads=3)
+    assert (auto.threads_for(1), auto.threads_for(64)) == (1, available_cores())
+    assert (fixed.threads_for(1), fixed.threads_for(64)) == (3, 3)
+    assert "1 at batch 1" in auto.describe() and "3 intra-op threads" in fixed.describe()
 
 
 def test_sixteen_bits_refused_in_one_line_and_nothing_written(tmp_path: Path) -> None:

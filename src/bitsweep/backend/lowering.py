@@ -23,8 +23,8 @@ Values between steps are *centered integers* ``q - zero_point`` on a grid
 * conv / linear: ``acc = sum(x * (w - z_w)) + round(b / (s_x s_w))`` (the integer bias added to the exact sum);
 * requantize to a grid ``(s_o, z_o)``: ``M = s_in / s_o`` per channel is stored as
   ``m0 * 2**-shift`` with ``m0`` of ``precision`` bits, where ``precision`` is the
-  largest that keeps ``|acc| * m0 < 2**53`` for the layer's worst-case
-  accumulator (29 bits at 8-bit widths); ``q = clamp(floor(acc * m0 /
+  largest that keeps ``|acc| * m0 < 2**52`` for the layer's worst-case
+  accumulator (so ``acc * m0 + 2**(shift-1)`` is exact in float64 too); ``q = clamp(floor(acc * m0 /
   2**shift + 1/2), lo, hi)``; ReLU/ReLU6/Hardtanh fold into ``lo``/``hi``;
   binary (1-bit signed) grids take ``+1 if acc >= 0 else -1``;
 * residual add (an ``Add`` module, ``a + b`` or ``torch.add``, followed by its quantizer):
@@ -81,12 +81,14 @@ __all__ = [
 
 
 def fixed_point(multiplier: torch.Tensor, bound: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``multiplier ~= m0 * 2**-shift`` with the most bits of ``m0`` that keep ``bound * m0 < 2**53``.
+    """``multiplier ~= m0 * 2**-shift`` with the most bits of ``m0`` that keep ``bound * m0 < 2**52``.
 
     The precision depends only on the worst-case accumulator, never on data, so
-    every batch is requantized with the same constants.
+    every batch is requantized with the same constants. 2**52 rather than 2**53:
+    then ``acc * m0 * 2**-shift + 1/2`` is exact in float64 as well, so the
+    simulation rounds with one ``floor(y + 1/2)`` (see ``simulate._requant``).
     """
-    precision = min(31, 53 - max(int(bound), 1).bit_length())
+    precision = min(31, 52 - max(int(bound), 1).bit_length())
     if precision < 8:
         raise BitsweepError(
             f"an accumulator of up to {bound} leaves under 8 bits for the requantization multiplier; reduce bit widths"
@@ -97,7 +99,7 @@ def fixed_point(multiplier: torch.Tensor, bound: int) -> tuple[torch.Tensor, tor
     if bool((shift < 1).any()):
         big = float(multiplier.max())
         raise BitsweepError(f"a requantization multiplier of {big:.3g} is too large for fixed point; reduce bit widths")
-    # Past a 62-bit shift every |acc * m0| < 2**53 rounds to 0: say so exactly (and keep int64 shifts defined).
+    # Past a 62-bit shift every |acc * m0| < 2**52 rounds to 0: say so exactly (and keep int64 shifts defined).
     tiny = shift > 62
     return torch.where(tiny, 0, m0), torch.where(tiny, 1, shift)
 

@@ -36,29 +36,43 @@ class OrtSettings:
     """onnxruntime session settings chosen for speed; recorded beside every latency figure."""
 
     graph_optimization: str = "ORT_ENABLE_ALL"  # fuses and picks integer/NCHWc kernels
-    intra_op_threads: int = 0  # 0: available_cores() when the session is made
+    intra_op_threads: int = 0  # 0: auto, see threads_for
     inter_op_threads: int = 1  # one chain of operators: parallel execution brings nothing here
     execution_mode: str = "ORT_SEQUENTIAL"
 
-    def resolved(self) -> OrtSettings:
-        """The same settings with the thread count filled in."""
-        threads = self.intra_op_threads or available_cores()
-        return OrtSettings(self.graph_optimization, threads, self.inter_op_threads, self.execution_mode)
+    def threads_for(self, batch: int) -> int:
+        """Intra-op threads for calls of ``batch`` images: the number set, or (auto) 1 for a single image and the
+        cores this process may use for a batch.
 
-    def session(self, path: str | Path) -> Any:
-        """An onnxruntime CPU ``InferenceSession`` of ``path`` with these settings."""
+        One image of a small network is too little work to share: measured on a 2-core EPYC, both the FP32 and
+        the int8 file ran slower on 2 threads than on 1 at batch 1, and int8's lead over FP32 shrank from 1.53x to
+        1.22x (BENCHMARKS.md ``onnx_latency_amd-epyc-vnni``). Batches of 64 gain from every core.
+        """
+        if self.intra_op_threads:
+            return self.intra_op_threads
+        return 1 if batch == 1 else available_cores()
+
+    def session(self, path: str | Path, threads: int | None = None) -> Any:
+        """An onnxruntime CPU ``InferenceSession`` of ``path`` with these settings and ``threads`` intra-op threads
+        (default: the number set, else the cores this process may use)."""
         ort = import_ort()
-        s = self.resolved()
         opts = ort.SessionOptions()
-        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, s.graph_optimization)
-        opts.intra_op_num_threads = s.intra_op_threads
-        opts.inter_op_num_threads = s.inter_op_threads
-        opts.execution_mode = getattr(ort.ExecutionMode, s.execution_mode)
+        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, self.graph_optimization)
+        opts.intra_op_num_threads = threads or self.intra_op_threads or available_cores()
+        opts.inter_op_num_threads = self.inter_op_threads
+        opts.execution_mode = getattr(ort.ExecutionMode, self.execution_mode)
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
+    def describe(self) -> str:
+        """``ORT_ENABLE_ALL, intra-op threads ..., ...``: what the latency figures were measured with."""
+        auto = f"intra-op threads 1 at batch 1 and {available_cores()} (the available cores) for batches"
+        threads = f"{self.intra_op_threads} intra-op threads" if self.intra_op_threads else auto
+        return (f"onnxruntime {import_ort().__version__}, {self.graph_optimization}, {threads}, "
+                f"{self.inter_op_threads} inter-op thread, {self.execution_mode.lower()}")  # fmt: skip
+
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready dict (threads resolved)."""
-        return {**asdict(self.resolved()), "onnxruntime": import_ort().__version__}
+        """Plain JSON-ready dict; ``intra_op_threads`` 0 is auto (each latency row has its thread count)."""
+        return {**asdict(self), "onnxruntime": import_ort().__version__}
 
 
 def compare_logits(
@@ -111,6 +125,7 @@ class Latency:
     batch: int
     median_ms: float
     runs: int
+    threads: int  # onnxruntime intra-op threads
 
     @property
     def images_per_s(self) -> float:
@@ -135,10 +150,11 @@ def compare_latency(
     and the spinning threads of the session that just ran slow down the next one.
     """
     settings = settings or OrtSettings()
-    sessions = {name: settings.session(p) for name, p in paths.items()}
     rng = np.random.default_rng(0)
     out: list[Latency] = []
     for batch in batch_sizes:
+        threads = settings.threads_for(batch)
+        sessions = {name: settings.session(p, threads) for name, p in paths.items()}
         feed = {"input": rng.standard_normal((batch, *input_shape)).astype(np.float32)}
         for sess in sessions.values():  # warm-up: first calls allocate and pick kernels
             for _ in range(3):
@@ -151,23 +167,20 @@ def compare_latency(
                     t = time.perf_counter()
                     sess.run(["logits"], feed)
                     times[name].append(time.perf_counter() - t)
-        out.extend(Latency(name, batch, 1000.0 * statistics.median(ts), runs) for name, ts in times.items())
+        out.extend(Latency(name, batch, 1000.0 * statistics.median(ts), runs, threads) for name, ts in times.items())
+        del sessions  # their thread pools go before the next batch size's
     return out
 
 
 def describe_latency(rows: list[Latency], baseline: str, settings: OrtSettings) -> str:
-    """Lines ``name  batch B: X ms (Y img/s, Z x baseline)`` and the settings they were measured with."""
+    """Lines ``name  batch B, T threads: X ms (Y img/s, Z x baseline)`` and the settings they were measured with."""
     base = {r.batch: r.median_ms for r in rows if r.model == baseline}
     lines = []
     for r in rows:
         speed = f", {base[r.batch] / r.median_ms:.2f}x {baseline}" if r.batch in base else ""
-        lines.append(f"  {r.model:>6} batch {r.batch:>3}: {r.median_ms:8.3f} ms ({r.images_per_s:,.0f} img/s{speed})")
-    s = settings.resolved()
-    lines.append(
-        f"  (median of {rows[0].runs if rows else 0} runs; onnxruntime {import_ort().__version__}, "
-        f"{s.graph_optimization}, "
-        f"{s.intra_op_threads} intra-op threads, {s.execution_mode.lower()})"
-    )
+        lines.append(f"  {r.model:>6} batch {r.batch:>3}, {r.threads} thread{'s' if r.threads > 1 else ' '}: "
+                     f"{r.median_ms:8.3f} ms ({r.images_per_s:,.0f} img/s{speed})")  # fmt: skip
+    lines.append(f"  (median of {rows[0].runs if rows else 0} runs; {settings.describe()})")
     return "\n".join(lines)
 
 
@@ -177,7 +190,7 @@ class QopReport:
 
     check: OnnxCheck  # the int8 file vs the integer-exact simulation
     latency: list[Latency]  # FP32 and int8 files, each batch size
-    settings: OrtSettings  # resolved
+    settings: OrtSettings
 
     def describe(self, what: str = "images") -> str:
         """Human-readable lines for the console."""
@@ -208,7 +221,7 @@ def qop_report(
     The FP32 file (:func:`float_twin`, exported as plain ONNX) is written to a
     temporary folder and removed afterwards.
     """
-    settings = (settings or OrtSettings()).resolved()
+    settings = settings or OrtSettings()
     check = check_qop(path, model, batches, max_batches)
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = export_onnx(float_twin(model), Path(tmp) / "fp32.onnx", input_shape)
