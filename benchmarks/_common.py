@@ -80,6 +80,8 @@ def machine_key() -> str:
 def header(command: str) -> str:
     """The lines every section starts with: command, date, machine."""
     date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    if avx2_emulated():
+        command = f"ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 {command}"
     return f"Command: `{command}`  \nDate: {date}  \nMachine: {machine()}; int8 instructions: {int8_instructions()}\n"
 
 

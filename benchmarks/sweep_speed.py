@@ -18,6 +18,11 @@ own section (``sweep_speed_<kind>``, see ``_common.machine_key``).
 
     python benchmarks/sweep_speed.py            # full: writes the sweep_speed section of BENCHMARKS.md
     python benchmarks/sweep_speed.py --quick    # tiny checkpoint, 2x1 grid, 500 images; prints only
+
+On a VNNI/AMX machine, ``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 python benchmarks/sweep_speed.py``
+runs the AVX2-only code path (oneDNN's int16-pair int8 kernels with split weights, AVX2 elementwise kernels)
+and writes its own section (``sweep_speed_<kind>-as-avx2``): the same instructions as an AVX2-only CPU, but
+another core and memory system, so it shows the code path's cost, not that machine's time.
 """
 
 from __future__ import annotations
