@@ -44,9 +44,10 @@ class OrtSettings:
         """Intra-op threads for calls of ``batch`` images: the number set, or (auto) 1 for a single image and the
         cores this process may use for a batch.
 
-        One image of a small network is too little work to share: measured on a 2-core EPYC, both the FP32 and
-        the int8 file ran slower on 2 threads than on 1 at batch 1, and int8's lead over FP32 shrank from 1.53x to
-        1.22x (BENCHMARKS.md ``onnx_latency_amd-epyc-vnni``). Batches of 64 gain from every core.
+        One image of a small network is too little work to share: measured on a 2-core EPYC with VNNI, the int8
+        file ran slower on 2 threads than on 1 at batch 1 (0.39 against 0.375 ms) and its lead over FP32 shrank
+        from 1.73x to 1.58x (BENCHMARKS.md ``onnx_latency_amd-epyc-vnni``; on a loaded host both files ran
+        slower and the lead fell to 1.22x). Batches of 64 gain from every core (1.9x to 2.0x faster on 2 than on 1).
         """
         if self.intra_op_threads:
             return self.intra_op_threads
