@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import subprocess
@@ -25,6 +26,7 @@ from bitsweep.backend.simulate import (
     _requant_consts,
     evaluation_model,
     int8_pair_limit,
+    run,
     simulate,
     split_weights,
 )
@@ -119,6 +121,35 @@ def test_compiled_runner_pads_and_compiles_once(quantized: QuantFactory) -> None
         sim = simulate(quantized(bits, bits)[0], x)
         assert torch.equal(runner(sim, x), sim(x))  # 5 images padded to the compiled batch of 8
     assert len(runner._compiled) == 1
+
+
+def test_compiled_runner_drops_a_program_that_disagrees(
+    quantized: QuantFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A compiled program that returns other logits than the eager one (a stale compile cache did) is dropped."""
+    x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    sim = simulate(quantized(4, 4)[0], x)
+    runner = CompiledRunner(batch_size=8)
+    monkeypatch.setattr(runner, "_fn", lambda plan: lambda tensors, images: run(plan, tensors, images) + 1.0)
+    with pytest.warns(UserWarning, match="disagreed with the eager one"):
+        assert torch.equal(runner(sim, x), sim(x))
+    assert runner.eager and torch.equal(runner(sim, x), sim(x))  # eager from then on, no second warning
+
+
+def test_compiled_runner_checks_each_simulator_once(quantized: QuantFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    sims = [simulate(quantized(bits, bits)[0], x) for bits in (4, 2)]
+    runner = CompiledRunner(batch_size=8)
+    monkeypatch.setattr(runner, "_fn", lambda plan: functools.partial(run, plan))  # stands in for torch.compile
+    eager_calls = []
+    for sim in sims:
+        monkeypatch.setattr(
+            sim, "forward", lambda images, sim=sim: eager_calls.append(sim) or Simulator.forward(sim, images)
+        )
+    for _ in range(3):
+        for sim in sims:
+            runner(sim, x)
+    assert eager_calls == sims and not runner.eager  # one eager batch per simulator, then compiled only
 
 
 def test_unsupported_models_fall_back_to_fake_quant_and_say_so() -> None:

@@ -42,7 +42,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -370,18 +372,33 @@ class CompiledRunner:
     padded to ``batch_size`` (one input shape, no recompilation). If
     compilation fails (no C++ compiler, an unsupported platform), it warns
     once and runs eagerly: same results, slower.
+
+    The first batch of every simulator is also run eagerly and must match
+    the compiled logits bit for bit (integer-exact programs only); if not, it
+    warns once and runs eagerly from then on. A compiled program is trusted
+    only after it has agreed: torch 2.13's FX graph cache does not key on
+    the vector instructions, and a cache filled with AVX-512 kernels then
+    used with ``ATEN_CPU_CAPABILITY=avx2`` returned garbage logits (measured;
+    a fresh cache was exact). With that variable set, compiling skips the FX
+    graph cache; a cache shared between machines of different CPU kinds is
+    what the check is left for. It costs one eager batch per cell.
     """
 
     def __init__(self, batch_size: int) -> None:
         _teach_compiler_int8()
         self.batch_size = batch_size
         self._compiled: dict[Plan, Callable[..., torch.Tensor]] = {}
+        self._agreed: weakref.WeakSet[Simulator] = weakref.WeakSet()
         self.eager = False
 
     def _fn(self, plan: Plan) -> Callable[..., torch.Tensor]:
         fn = self._compiled.get(plan)
         if fn is None:
-            fn = torch.compile(functools.partial(run, plan), dynamic=False)
+            # torch 2.13's FX graph cache does not key on ATEN_CPU_CAPABILITY: with it set, compile without it.
+            options: dict[str, Any] | None = (
+                {"fx_graph_cache": False} if os.environ.get("ATEN_CPU_CAPABILITY") else None
+            )
+            fn = torch.compile(functools.partial(run, plan), dynamic=False, options=options)
             self._compiled[plan] = fn
         return fn
 
@@ -400,9 +417,21 @@ class CompiledRunner:
             with _exact_float(x):
                 out = self._fn(sim.plan)(sim.tensors, x)
         except Exception as e:  # noqa: BLE001 - any compiler failure: fall back to the same program, eagerly
-            warnings.warn(f"torch.compile failed ({type(e).__name__}: {e}); simulating eagerly", stacklevel=2)
+            warnings.warn(f"torch.compile failed ({type(e).__name__}: {e}); simulating eagerly", stacklevel=3)
             self.eager = True
             out = sim(x)
+        if not self.eager and sim not in self._agreed and sim.program.float32_exact:
+            eager = sim(x)
+            if not torch.equal(out, eager):
+                warnings.warn(
+                    "the compiled simulation disagreed with the eager one on its first batch (a torch.compile cache "
+                    "made on another CPU or with another ATEN_CPU_CAPABILITY can do this: clear it or set "
+                    "TORCHINDUCTOR_CACHE_DIR); simulating eagerly: same numbers, slower",
+                    stacklevel=3,  # the caller of __call__ (inference_mode wraps it)
+                )
+                self.eager = True
+                out = eager
+            self._agreed.add(sim)
         return out[:n]
 
 
