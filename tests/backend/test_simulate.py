@@ -136,9 +136,11 @@ def test_compiled_runner_drops_a_program_that_disagrees(
     assert runner.eager and torch.equal(runner(sim, x), sim(x))  # eager from then on, no second warning
 
 
-def test_compiled_runner_checks_each_simulator_once(quantized: QuantFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compiled_runner_checks_each_compiled_graph_once(quantized: QuantFactory,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    sims = [simulate(quantized(bits, bits)[0], x) for bits in (4, 2)]
+    sims = [simulate(quantized(bits, bits)[0], x) for bits in (4, 2)]  # one plan: one compiled graph
+    assert sims[0].plan == sims[1].plan
     runner = CompiledRunner(batch_size=8)
     monkeypatch.setattr(runner, "_fn", lambda plan: functools.partial(run, plan))  # stands in for torch.compile
     eager_calls = []
@@ -149,7 +151,7 @@ def test_compiled_runner_checks_each_simulator_once(quantized: QuantFactory, mon
     for _ in range(3):
         for sim in sims:
             runner(sim, x)
-    assert eager_calls == sims and not runner.eager  # one eager batch per simulator, then compiled only
+    assert eager_calls == sims[:1] and not runner.eager  # one eager batch for the graph, then compiled only
 
 
 def test_unsupported_models_fall_back_to_fake_quant_and_say_so() -> None:

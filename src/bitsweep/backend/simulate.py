@@ -44,7 +44,6 @@ import functools
 import math
 import os
 import warnings
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -373,22 +372,22 @@ class CompiledRunner:
     compilation fails (no C++ compiler, an unsupported platform), it warns
     once and runs eagerly: same results, slower.
 
-    The first batch of every simulator is also run eagerly and must match
-    the compiled logits bit for bit (integer-exact programs only); if not, it
-    warns once and runs eagerly from then on. A compiled program is trusted
+    The first batch of every compiled program is also run eagerly and must
+    match the compiled logits bit for bit (integer-exact programs only); if
+    not, it warns once and runs eagerly from then on. A compiled program is trusted
     only after it has agreed: torch 2.13's FX graph cache does not key on
     the vector instructions, and a cache filled with AVX-512 kernels then
     used with ``ATEN_CPU_CAPABILITY=avx2`` returned garbage logits (measured;
     a fresh cache was exact). With that variable set, compiling skips the FX
     graph cache; a cache shared between machines of different CPU kinds is
-    what the check is left for. It costs one eager batch per cell.
+    what the check is left for. It costs one eager batch per compiled graph.
     """
 
     def __init__(self, batch_size: int) -> None:
         _teach_compiler_int8()
         self.batch_size = batch_size
         self._compiled: dict[Plan, Callable[..., torch.Tensor]] = {}
-        self._agreed: weakref.WeakSet[Simulator] = weakref.WeakSet()
+        self._agreed: set[Plan] = set()
         self.eager = False
 
     def _fn(self, plan: Plan) -> Callable[..., torch.Tensor]:
@@ -420,7 +419,7 @@ class CompiledRunner:
             warnings.warn(f"torch.compile failed ({type(e).__name__}: {e}); simulating eagerly", stacklevel=3)
             self.eager = True
             out = sim(x)
-        if not self.eager and sim not in self._agreed and sim.program.float32_exact:
+        if not self.eager and sim.plan not in self._agreed and sim.program.float32_exact:
             eager = sim(x)
             if not torch.equal(out, eager):
                 warnings.warn(
@@ -431,7 +430,7 @@ class CompiledRunner:
                 )
                 self.eager = True
                 out = eager
-            self._agreed.add(sim)
+            self._agreed.add(sim.plan)
         return out[:n]
 
 
