@@ -150,11 +150,7 @@ def main() -> None:
     columns = ["model", "batch", "threads", "median latency (ms)", "images/s", "speed-up vs FP32 (same threads)"]
     table = md_table([*columns, "file (B)"], rows)
     cmd = "python benchmarks/onnx_latency.py " + " ".join(sys.argv[1:])
-    settings_text = all_settings[0].describe()
-    if len(all_settings) > 1:  # one line for all: only the thread count differs
-        counts = " and ".join(str(x.intra_op_threads) for x in all_settings)
-        settings_text = settings_text.replace(f"{all_settings[0].intra_op_threads} intra-op threads",
-                                              f"{counts} intra-op threads (each timed)")  # fmt: skip
+    settings_text = all_settings[0].describe(threads if len(threads) > 1 else ())  # one line: only threads differ
     text = (f"### ONNX latency, int8 vs FP32 (onnxruntime, CPU, {machine_key()})\n\n{header(cmd)}\n{table}\n\n"
             "Agreement with bitsweep's integer-exact simulation of the same model (W8A8 unless the row says W4A8; "
             "quantize_static makes its own quantization, so only its top-1 compares):\n\n" + "\n".join(notes) + "\n\n"

@@ -25,6 +25,7 @@ from bitsweep.backend.simulate import (
     _requant,
     _requant_consts,
     evaluation_model,
+    int8_conv1x1,
     int8_pair_limit,
     run,
     simulate,
@@ -60,26 +61,16 @@ def test_split_weights_sum_to_the_weights_and_keep_the_pair_limit(limit: float) 
         assert len(parts) == (1 if 2 * x_max * 128 <= limit else 2)
 
 
-def _int8_conv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """One oneDNN u8 x s8 1x1 convolution, as the simulation calls it (scales 1, zero points 0)."""
-    c = w.shape[0]
-    packed = torch.ops.onednn.qconv_prepack(w.to(torch.int8), torch.ones(c), 1.0, 0, [1, 1], [0, 0], [1, 1], 1, None)
-    return torch.ops.onednn.qconv2d_pointwise.tensor(
-        x.to(torch.uint8), torch.ones(()), torch.tensor(0), packed, torch.ones(c), torch.zeros(c, dtype=torch.int64),
-        None, [1, 1], [0, 0], [1, 1], 1, 1.0, 0, torch.float32, "none", [], "",
-    )  # fmt: skip
-
-
 @pytest.mark.skipif(int8_pair_limit() != INT16_PAIR_LIMIT, reason="the int16 pair limit of AVX2-only CPUs")
 def test_avx2_int8_kernels_are_exact_within_the_pair_limit_only() -> None:
     """Why the limit exists, shown on the CPU itself: 255 x 127 pairs saturate, 255 x 64 pairs do not."""
     x = torch.full((1, 32, 4, 4), 255.0)
     for w_max, exact in ((127, False), (64, True)):
         w = torch.full((8, 32, 1, 1), w_max, dtype=torch.int64)
-        out = _int8_conv(x, w)
+        out = int8_conv1x1(x, w)
         assert bool((out == 255 * w_max * 32).all()) == exact
         parts = split_weights(w, 255, INT16_PAIR_LIMIT)
-        assert torch.equal(sum(_int8_conv(x, p) for p in parts), torch.full_like(out, 255 * w_max * 32))
+        assert torch.equal(sum(int8_conv1x1(x, p) for p in parts), torch.full_like(out, 255 * w_max * 32))
 
 
 @pytest.mark.slow  # a pytest subprocess

@@ -108,16 +108,24 @@ def int8_pair_limit() -> float | None:
     return math.inf if exact else float(INT16_PAIR_LIMIT)
 
 
+def int8_conv1x1(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """One oneDNN ``u8 x s8`` 1x1 convolution as the simulation calls it (scales 1, zero points 0): float32 sums.
+
+    ``x`` holds integers in [0, 255], ``w`` integers in [-128, 127], shaped (C_out, C_in, 1, 1).
+    """
+    c = w.shape[0]
+    packed = torch.ops.onednn.qconv_prepack(w.to(torch.int8), torch.ones(c), 1.0, 0, [1, 1], [0, 0], [1, 1], 1, None)
+    out: torch.Tensor = torch.ops.onednn.qconv2d_pointwise.tensor(
+        x.to(torch.uint8), torch.ones(()), torch.tensor(0), packed, torch.ones(c), torch.zeros(c, dtype=torch.int64),
+        None, [1, 1], [0, 0], [1, 1], 1, 1.0, 0, torch.float32, "none", [], "",
+    )  # fmt: skip
+    return out
+
+
 def _int8_sums_exactly() -> bool:
     """Whether a dense oneDNN u8 x s8 convolution sums 32 products of 255 x 127 exactly (no int16 pairs)."""
-    c_in, c_out = 32, 8
-    packed = torch.ops.onednn.qconv_prepack(torch.full((c_out, c_in, 1, 1), 127, dtype=torch.int8), torch.ones(c_out),
-                                            1.0, 0, [1, 1], [0, 0], [1, 1], 1, None)  # fmt: skip
-    out = torch.ops.onednn.qconv2d_pointwise.tensor(
-        torch.full((1, c_in, 2, 2), 255, dtype=torch.uint8), torch.ones(()), torch.tensor(0), packed,
-        torch.ones(c_out), torch.zeros(c_out, dtype=torch.int64), None, [1, 1], [0, 0], [1, 1], 1, 1.0, 0,
-        torch.float32, "none", [], "",
-    )  # fmt: skip
+    c_in = 32
+    out = int8_conv1x1(torch.full((1, c_in, 2, 2), 255), torch.full((8, c_in, 1, 1), 127))
     return bool((out == 255 * 127 * c_in).all())
 
 

@@ -13,7 +13,7 @@ import copy
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -64,10 +64,15 @@ class OrtSettings:
         opts.execution_mode = getattr(ort.ExecutionMode, self.execution_mode)
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
-    def describe(self) -> str:
-        """``ORT_ENABLE_ALL, intra-op threads ..., ...``: what the latency figures were measured with."""
+    def describe(self, timed_threads: Sequence[int] = ()) -> str:
+        """``ORT_ENABLE_ALL, intra-op threads ..., ...``: what the latency figures were measured with.
+
+        ``timed_threads``: the thread counts a benchmark timed one after another with otherwise these settings.
+        """
         auto = f"intra-op threads 1 at batch 1 and {available_cores()} (the available cores) for batches"
         threads = f"{self.intra_op_threads} intra-op threads" if self.intra_op_threads else auto
+        if timed_threads:
+            threads = f"{' and '.join(map(str, timed_threads))} intra-op threads (each timed)"
         return (f"onnxruntime {import_ort().__version__}, {self.graph_optimization}, {threads}, "
                 f"{self.inter_op_threads} inter-op thread, {self.execution_mode.lower()}")  # fmt: skip
 
