@@ -46,6 +46,7 @@ from bitsweep.quant.primitives import (
     SCALE_EPS,
     dequantize,
     fake_quantize,
+    fake_quantize_bias,
     fake_quantize_fast,
     fake_quantize_lsq,
     lsq_grad_scale,
@@ -205,6 +206,7 @@ class WeightQuantizer(nn.Module):
         self.register_buffer("scale", torch.ones((), dtype=torch.float32))
         self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32))
         self.register_buffer("q", torch.zeros(0, dtype=torch.int32))
+        self.ste_scale: torch.Tensor | None = None  # the scale plain STE training last picked (weight_mode qat)
 
     @property
     def trainable(self) -> bool:
@@ -280,7 +282,8 @@ class WeightQuantizer(nn.Module):
             g = lsq_grad_scale(weight.numel() // channels, self.spec) if self.lsq_grad_scale else 1.0
             return fake_quantize_lsq(weight, _step_size(self.scale), self.zero_point, self.spec, g)
         scale, zero_point = weight_qparams(weight, self.spec, self.observer)
-        return fake_quantize(weight, scale.to(weight.device), zero_point.to(weight.device), self.spec)
+        self.ste_scale = scale.detach().to(weight.device)
+        return fake_quantize(weight, self.ste_scale, zero_point.to(weight.device), self.spec)
 
     def extra_repr(self) -> str:
         extra = ", trainable" if self.trainable else ""
@@ -302,6 +305,19 @@ class _QuantWeightMixin:
         self.output_quantizer = None
         self.weight_mode = "off"  # off | quantize (frozen integers) | qat (fake-quant every step)
         self.register_buffer("weight_fq", None, persistent=False)  # type: ignore[attr-defined]
+        # The quantizer whose grid this layer's input is on (a tuple, so it is not a submodule); see bind_bias_grid.
+        self.bias_grid: tuple[ActivationQuantizer, ...] = ()
+
+    def bind_bias_grid(self, input_grid: ActivationQuantizer | None) -> None:
+        """Round the bias in forward as the integer program adds it: on the step ``input_grid.scale * weight scale``.
+
+        Unbound (the default, and ``None``), forward adds the float bias, which differs from the integer
+        program's by up to half an accumulator step per channel: noise after post-training quantization,
+        but a 4-bit model *trained* on float biases loses points when they are rounded afterwards (see
+        :func:`~bitsweep.quant.primitives.fake_quantize_bias`). :func:`bitsweep.quant.bias_grid.bind_bias_grids`
+        finds every layer's input quantizer from the graph.
+        """
+        self.bias_grid = () if input_grid is None else (input_grid,)
 
     def convert_weight(self) -> None:
         """Quantize the weight once; forward then uses the cached dequantized weight."""
@@ -352,10 +368,32 @@ class _QuantWeightMixin:
             return self.weight_quantizer.fake_quantize(self.weight)
         return self.weight
 
-    def _io(self, x: torch.Tensor, compute: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def _weight_step(self) -> torch.Tensor:
+        """The weight grid's step (per channel or one) that the current weight is on."""
+        wq = self.weight_quantizer
+        if wq.trainable:
+            return _step_size(wq.scale.detach())
+        if self.weight_mode == "qat" and wq.ste_scale is not None:
+            return wq.ste_scale
+        return wq.scale
+
+    def _current_bias(self) -> torch.Tensor | None:
+        """The float bias, or with a bound input grid the bias the integer program adds (rounded on its grid)."""
+        bias: torch.Tensor | None = getattr(self, "bias", None)
+        if bias is None or not self.bias_grid or self.weight_mode == "off" or self.bias_grid[0].mode != "quantize":
+            return bias
+        source = self.bias_grid[0]
+        s_in = _step_size(source.scale.detach()) if source.trainable else source.scale
+        step = self._weight_step().double().reshape(-1) * s_in.double()  # the lowering's s_w * s_in, in float64
+        return fake_quantize_bias(bias, step)
+
+    def _io(
+        self, x: torch.Tensor, compute: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+    ) -> torch.Tensor:
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
-        out = compute(x, self._current_weight())
+        weight = self._current_weight()  # first: plain STE training picks the weight's scale here
+        out = compute(x, weight, self._current_bias())
         if self.output_quantizer is not None:
             out = self.output_quantizer(out)
         return out
@@ -390,7 +428,7 @@ class QuantConv2d(_QuantWeightMixin, nn.Conv2d):
         return conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._io(x, lambda t, w: self._conv_forward(t, w, self.bias))
+        return self._io(x, self._conv_forward)
 
 
 class QuantLinear(_QuantWeightMixin, nn.Linear):
@@ -418,7 +456,7 @@ class QuantLinear(_QuantWeightMixin, nn.Linear):
         return lin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._io(x, lambda t, w: F.linear(t, w, self.bias))
+        return self._io(x, F.linear)
 
 
 class QuantOutput(nn.Module):

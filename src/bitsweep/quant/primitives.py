@@ -43,6 +43,7 @@ __all__ = [
     "quantize",
     "dequantize",
     "fake_quantize",
+    "fake_quantize_bias",
     "fake_quantize_reference",
     "fake_quantize_fast",
     "fake_quantize_lsq",
@@ -298,3 +299,24 @@ def fake_quantize_fast(
     y.round_()
     y.clamp_(lo, hi)
     return y.mul_(scale)
+
+
+def fake_quantize_bias(bias: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """``round(bias / step) * step`` with the straight-through gradient: the bias an integer program adds.
+
+    The integer program adds each layer's bias as an integer on the accumulator's grid, whose step is
+    the input scale times the weight scale (per channel), rounded in float64 (as
+    :mod:`bitsweep.backend.lowering` does). At 4 bits that grid is coarse (a step can be a tenth of
+    the output's), and a model trained with its float bias loses points when the bias is rounded
+    afterwards; training through this function sees the rounded bias. ``step`` is float64 and
+    broadcasts against ``bias``; only ``bias`` gets a gradient.
+
+    >>> b = torch.tensor([0.26, -0.74], requires_grad=True)
+    >>> y = fake_quantize_bias(b, torch.tensor([0.5, 0.5], dtype=torch.float64))
+    >>> y.tolist()
+    [0.5, -0.5]
+    >>> y.sum().backward(); b.grad.tolist()
+    [1.0, 1.0]
+    """
+    rounded = (torch.round(bias.detach().double() / step) * step).to(bias.dtype)
+    return rounded + (bias - bias.detach())  # exactly ``rounded`` forward (x - x == 0), identity backward
