@@ -310,3 +310,25 @@ def test_a_per_layer_cell_is_in_the_tables_but_not_the_heatmap(tmp_path: Path) -
     assert group_label(group_key(read_results(path).rows[-1])) == (
         f"per_channel, minmax, symmetric, from {tmp_path.name}/plan.yaml"
     )
+
+
+def test_cells_that_stopped_early_show_their_image_counts_and_a_note(tmp_path: Path) -> None:
+    results = _sweep(tmp_path)
+    lines = results.read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    for r in rows[1:]:
+        r.update(images_val=5000, images_test=10000, stopped_early=False)
+        if r.get("weight_bits") == 1:
+            r.update(images_val=1000, images_test=1000, stopped_early=True)
+    results.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    md = build_report(results, tmp_path / "out").markdown.read_text()
+    every = md[md.index("## Every cell") :].splitlines()[2:]
+    header, *table = ([c.strip() for c in line.strip("|").split("|")] for line in every if line.startswith("|"))
+    table = [r for r in table if not set(r[0]) <= {"-"}]  # the header rule
+    stopped = [r for r in table if r[0].startswith("W1")]
+    assert len(stopped) == 4 and all(r[header.index("val images")] == "1,000" for r in stopped)
+    assert all(r[header.index("test images")] == "10,000" for r in table if not r[0].startswith("W1"))
+    assert "4 cell(s) stopped early (W1A2 per_channel minmax" in md and "--full-eval" in md
+    clean = tmp_path / "clean.jsonl"
+    clean.write_text("\n".join(json.dumps({**r, "stopped_early": False}) for r in rows) + "\n")
+    assert "stopped early" not in build_report(clean, tmp_path / "out2").markdown.read_text()

@@ -69,3 +69,9 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def other_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A second checkpoint (different seed, so different bytes) for mismatched-resume tests."""
     return make_checkpoint(tmp_path_factory.mktemp("ckpt2") / "best.pt", seed=1)
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint after 60 SGD steps: FP32 near 100 % on the synthetic data, 1-bit cells at chance."""
+    return make_checkpoint(tmp_path_factory.mktemp("trained") / "best.pt", steps=60)

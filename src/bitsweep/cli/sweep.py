@@ -50,6 +50,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument(
         "--limit", type=int, default=None, help="evaluate only the first N validation and test images (quick checks)"
     )
+    p.add_argument("--full-eval", action="store_true",
+                   help="measure every cell on every image; by default a cell whose validation top-1 is below half "
+                   "the FP32 model's with 99.9 %% confidence stops after the first 1,000-image step that shows it, "
+                   "and is measured on as many test images")  # fmt: skip
     p.add_argument("--jobs", type=int, default=1, help="parallel workers (each loads the model and data once)")
     p.add_argument(
         "--executor", choices=EXECUTORS, default="local", help="where cells run; local with --jobs > 1 uses processes"
@@ -99,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
         settings = EvalSettings(
             args.calib_batches, args.calib_batch_size, args.batch_size, args.limit, args.compile,
             method_images=int(options["images"]), method_iterations=args.method_iterations,
+            stop_collapsed=not args.full_eval,
         )  # fmt: skip
         executor = ExecutorConfig(kind=args.executor, jobs=args.jobs, address=args.address, threads=args.threads)
     except ValueError as e:

@@ -33,8 +33,10 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("label", "cell", "{}"),
     ("val_top1", "val top-1 %", "{:.2f}"),
     ("val_top5", "val top-5 %", "{:.2f}"),
+    ("images_val", "val images", "{:,}"),
     ("test_top1", "test top-1 %", "{:.2f}"),
     ("test_top5", "test top-5 %", "{:.2f}"),
+    ("images_test", "test images", "{:,}"),
     ("size_bytes", "packed bytes", "{:,.0f}"),
     ("model_ratio", "model ratio", "{:.2f}x"),
     ("weight_ratio", "weight ratio", "{:.2f}x"),
@@ -99,6 +101,19 @@ def _sort_key(r: Mapping[str, Any]) -> tuple[Any, ...]:
         str(r.get("granularity")),
         str(r.get("observer")),
         str(r.get("method", "rtn")),  # rows written before the method axis were all rtn
+    )
+
+
+def _stopped_note(rows: Sequence[Mapping[str, Any]]) -> str:
+    """A sentence on the cells measured on fewer images because they collapsed, or ``""`` when none did."""
+    stopped = [str(r.get("label")) for r in rows if r.get("stopped_early")]
+    if not stopped:
+        return ""
+    names = ", ".join(stopped[:8]) + (f" and {len(stopped) - 8} more" if len(stopped) > 8 else "")
+    return (
+        f"{len(stopped)} cell(s) stopped early ({names}): each one's validation top-1 was below half the FP32 "
+        "model's with 99.9 % confidence, so it was measured on the images counted in its row (the same number of "
+        "test images). `bitsweep sweep --full-eval` measures every cell on every image."
     )
 
 
@@ -203,7 +218,8 @@ def build_report(
     md += ["## Accuracy vs size", "", "![accuracy vs size with the Pareto front](figures/pareto.png)", ""]
     md += ["### Pareto front (validation top-1 vs packed size)", "", _md_table(fheaders, fbody), ""]
     md += section.markdown if section is not None else []
-    md += ["## Every cell", "", _md_table(headers, body), ""]
+    stopped = _stopped_note(rows)
+    md += ["## Every cell", "", _md_table(headers, body), ""] + ([stopped, ""] if stopped else [])
     md += ["## Sweep", "", "```json", json.dumps(meta, indent=2, default=str), "```", ""]
     md += ["## Environment (recorded at sweep time)", "", "```json", json.dumps(env, indent=2, default=str), "```", ""]
     md_path = write_text_atomic(out / "report.md", "\n".join(md))
@@ -234,6 +250,7 @@ img {{ max-width: 100%; }} pre {{ background: #f6f6f6; padding: 1em; overflow-x:
 {section.html if section is not None else ""}
 <h2>Every cell</h2>
 {_html_table(headers, body, highlight)}
+{f"<p>{html.escape(stopped)}</p>" if stopped else ""}
 <h2>Sweep</h2>
 <pre>{html.escape(json.dumps(meta, indent=2, default=str))}</pre>
 <h2>Environment (recorded at sweep time)</h2>

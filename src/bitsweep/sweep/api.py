@@ -31,7 +31,7 @@ from bitsweep.training import checkpoint_info, load_checkpoint
 
 # EvalSettings fields added after results files existed, with their defaults: at the default they stay out
 # of a results file's identity, so files written before them still resume.
-LATER_SETTINGS: dict[str, Any] = {"method_images": 1024, "method_iterations": None}
+LATER_SETTINGS: dict[str, Any] = {"method_images": 1024, "method_iterations": None, "stop_collapsed": True}
 
 
 @dataclass(frozen=True)
