@@ -18,8 +18,8 @@ the integer-exact simulation (``bitsweep.backend.simulate``; compiled once
 per worker and reused by every cell when there are many images).
 
 Collapsed cells stop early (``EvalSettings.stop_collapsed``). In a 5 x 5 grid most cells below 4 bits
-sit at chance (15 of 25 for MobileNet-v2 on Fashion-MNIST), and measuring 10.0 % to a hundredth of a
-point on 15,000 images was 60 % of the sweep's time. Every 1,000 validation images, a cell whose
+sit at chance (16 of 25 for MobileNet-v2 on Fashion-MNIST), and measuring 10.0 % to a hundredth of a
+point on 15,000 images was about half of the sweep's cell time. Every 1,000 validation images, a cell whose
 validation top-1 is below half the FP32 model's (on the same first images) with 99.9 % confidence
 (Wilson upper bound) stops: no accuracy budget could choose it. Its test top-1 is then measured on as
 many test images, and its row says how many (``images_val``, ``images_test``, ``stopped_early``).
@@ -172,8 +172,8 @@ SCREEN_Z = 3.2905  # two-sided 99.9 % normal quantile: a working cell is stopped
 def wilson_upper(correct: int, n: int, z: float = SCREEN_Z) -> float:
     """Upper end (percent) of the Wilson score interval of ``correct`` hits in ``n`` trials.
 
-    >>> round(wilson_upper(100, 1000), 2)  # 10 % measured on 1,000 images: at most 13.4 %
-    13.4
+    >>> round(wilson_upper(100, 1000), 1)  # 10 % measured on 1,000 images: at most 13.6 %
+    13.6
     """
     p, z2 = correct / n, z * z
     centre = p + z2 / (2 * n)
