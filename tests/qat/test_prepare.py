@@ -90,10 +90,11 @@ def test_qat_lowers_the_training_loss(method: str) -> None:
 
     before = loss_now()
     # The loss is the integer program's (biases rounded on their accumulator grids too): a step function of
-    # every parameter, noisier to descend than float biases were; lr 0.01 for 100 steps ends at 0.42-0.48x
-    # on one and on two threads, where lr 0.02 for 60 steps ended anywhere from 0.49x to 0.84x.
-    _sgd(prepared.model, x, y, 100, lr=0.01)
-    assert loss_now() < 0.6 * before
+    # every parameter. With momentum 0.9 its last value jumped anywhere from 0.42x to 1.21x of the start
+    # between one and two threads and AVX-512 or AVX2 kernels; momentum 0.5 for 150 steps ended at
+    # 0.64-0.68x in all eight of those runs.
+    _sgd(prepared.model, x, y, 150, lr=0.01, momentum=0.5)
+    assert loss_now() < 0.75 * before
 
 
 def test_lsq_trains_every_scale_and_ste_none() -> None:
