@@ -33,7 +33,6 @@ another core and memory system, so it shows the code path's cost, not that machi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -41,6 +40,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bitsweep.sweep.results import read_results
 
 try:
     from benchmarks._common import ROOT, WORK, header, machine_key, md_table, update_section
@@ -62,8 +63,7 @@ def _timed(argv: list[str], cache: str) -> float:
 
 def _stopped_cells(results: Path) -> int:
     """How many cells of a finished sweep stopped early (collapsed)."""
-    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
-    return sum(1 for r in rows if r.get("kind") == "cell" and r.get("stopped_early"))
+    return sum(1 for r in read_results(results).rows if r.get("stopped_early"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,7 @@ import pytest
 
 from bitsweep.errors import BitsweepError
 from bitsweep.quant import QuantConfig, ptq
-from bitsweep.quant.modules import QuantOutput
+from bitsweep.quant.output import QuantOutput
 from bitsweep.search.activation_memory import activation_numels, allowed_bits, peak, tensor_bytes
 
 

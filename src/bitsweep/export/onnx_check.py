@@ -27,7 +27,7 @@ from bitsweep.backend.simulate import simulate
 from bitsweep.errors import BitsweepError
 from bitsweep.export.onnx import OnnxCheck, compare_session, export_onnx, import_ort
 from bitsweep.quant.inspect import is_activation_quantizer, is_weight_layer
-from bitsweep.quant.modules import QuantOutput
+from bitsweep.quant.output import QuantOutput
 from bitsweep.runtime import available_cores
 
 

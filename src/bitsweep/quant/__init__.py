@@ -29,8 +29,9 @@ from bitsweep.quant.api import (
 from bitsweep.quant.config import LayerOverride, QuantConfig, activation_spec, weight_spec
 from bitsweep.quant.fold import fold_batchnorm
 from bitsweep.quant.methods import PTQ_METHODS, PTQContext, PTQMethod
-from bitsweep.quant.modules import ActivationQuantizer, QuantConv2d, QuantLinear, QuantOutput, WeightQuantizer
+from bitsweep.quant.modules import ActivationQuantizer, QuantConv2d, QuantLinear, WeightQuantizer
 from bitsweep.quant.observers import OBSERVERS, ActivationStats, Observer
+from bitsweep.quant.output import QuantOutput
 from bitsweep.quant.ptq import QuantizedModel, ptq
 from bitsweep.quant.rounding import ROUNDING_POLICIES, RoundingPolicy, rounding_policy
 from bitsweep.quant.spec import QuantSpec

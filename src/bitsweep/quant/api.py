@@ -33,8 +33,9 @@ from bitsweep.errors import BitsweepError
 from bitsweep.quant.config import QuantConfig
 from bitsweep.quant.fold import _set_module, fold_batchnorm
 from bitsweep.quant.graph import GraphInfo, classify, module_kind, trace
-from bitsweep.quant.modules import ActivationQuantizer, QuantConv2d, QuantLinear, QuantOutput
+from bitsweep.quant.modules import ActivationQuantizer, QuantConv2d, QuantLinear
 from bitsweep.quant.observers import ActivationStats
+from bitsweep.quant.output import QuantOutput
 
 FilterFn = Callable[[nn.Module, str], bool]
 CalibrationStats = dict[str, ActivationStats]  # activation quantizer name -> statistics

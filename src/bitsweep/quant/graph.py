@@ -43,7 +43,7 @@ from bitsweep.errors import BitsweepError
 from bitsweep.quant.inspect import is_activation_quantizer, is_weight_layer
 
 if TYPE_CHECKING:  # for the type guard only: modules imports this module
-    from bitsweep.quant.modules import QuantOutput
+    from bitsweep.quant.output import QuantOutput
 
 POOL_MODULES = (
     nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d

@@ -40,7 +40,8 @@ from tqdm import tqdm
 
 from bitsweep.errors import BitsweepError
 from bitsweep.quant.capture import WeightLayer, execution_order, float_mode, module_inputs
-from bitsweep.quant.modules import ActivationQuantizer, QuantOutput
+from bitsweep.quant.modules import ActivationQuantizer
+from bitsweep.quant.output import QuantOutput
 
 ZETA, GAMMA = 1.1, -0.1  # stretch of the rectified sigmoid, so h reaches exactly 0 and 1
 UNITS = ("layer", "block")

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from bitsweep.quant.modules import ActivationQuantizer, QuantConv2d, QuantLinear, QuantOutput
+from bitsweep.quant.modules import ActivationQuantizer, QuantConv2d, QuantLinear
+from bitsweep.quant.output import QuantOutput
 
 
 def make_trainable(

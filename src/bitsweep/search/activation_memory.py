@@ -28,7 +28,7 @@ from torch import nn
 from bitsweep.artifacts.record import ModelRecord
 from bitsweep.errors import BitsweepError
 from bitsweep.quant.inspect import activation_quantizers
-from bitsweep.quant.modules import QuantOutput
+from bitsweep.quant.output import QuantOutput
 from bitsweep.search.layer_bits import activation_key
 
 
