@@ -242,3 +242,33 @@ def test_a_graph_the_lowering_cannot_walk_trains_float_biases_and_says_so() -> N
     with pytest.warns(UserWarning, match="QAT trains float biases .*size"):
         prepared = prepare_qat(SizedView().eval(), QuantConfig.from_bits(4, 4), [torch.randn(8, 1, 8, 8)])
     assert all(m.bias_grid == () for m in prepared.model.modules() if isinstance(m, (QuantConv2d, QuantLinear)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("weight_bits", "activation_bits", "method"), [(2, 4, "lsq"), (4, 8, "ste"), (1, 8, "lsq")])
+def test_the_training_forward_compiles_as_one_graph_and_agrees_with_eager(
+    weight_bits: int, activation_bits: int, method: str
+) -> None:
+    """``bitsweep qat --compile`` relies on fake quantization tracing without graph breaks.
+
+    A ``.item()`` on the zero point once split every quantizer into its own graph, which then
+    recompiled per layer (grad scales differ) and made the compiled step slower than eager.
+    """
+    x, y = _data()
+    prepared = prepare_qat(
+        _float_model(), QuantConfig.from_bits(weight_bits, activation_bits), [x], QATConfig(method=method)
+    )
+    model = prepared.model
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, dynamic=False)  # raises on any graph break
+    out = compiled(x)
+    F.cross_entropy(out, y).backward()
+    fused = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    model.zero_grad()
+    eager = model(x)
+    F.cross_entropy(eager, y).backward()
+    plain = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    # Fused kernels round float32 sums differently, which can move a value across a rounding boundary
+    # (as the float convolutions of eager fake-quant can against the integer program); no more than that.
+    assert (out - eager).abs().max() < 1e-3
+    assert F.cosine_similarity(fused, plain, dim=0) > 0.99

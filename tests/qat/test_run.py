@@ -17,9 +17,10 @@ from bitsweep.cli import main
 from bitsweep.data import DatasetSplits
 from bitsweep.errors import BitsweepError
 from bitsweep.qat import QATConfig, qat, resume_qat
+from bitsweep.qat.run import _run_config, _with_training_compile
 from bitsweep.quant import QuantConfig
 from bitsweep.quant.inspect import weight_layers
-from bitsweep.training import load_checkpoint
+from bitsweep.training import checkpoint_info, load_checkpoint
 
 TRAIN = {"epochs": 2, "batch_size": 32, "eval_batch_size": 64, "tensorboard": False}
 QUANT = QuantConfig.from_bits(4, 4, observer="mse")
@@ -260,3 +261,22 @@ def test_torchrun_two_processes_gloo(float_checkpoint: Path, tmp_path: Path) -> 
     assert json.loads((run / "environment.json").read_text())["world_size"] == 2
     assert proc.stdout.count("run directory:") == 1  # only rank 0 converts, reports and writes
     assert load(run / "quantized.pt").kind == "quantized"
+
+
+@pytest.mark.parametrize(
+    ("mode", "epochs", "images", "asked", "compiled"),
+    [
+        ("auto", 3, 55_000, False, True),  # the Fashion-MNIST recipe: 3 x 429 steps
+        ("auto", 1, 128 * 299 + 127, False, False),  # 299 steps: compiling would not pay
+        ("auto", 1, 128 * 300, False, True),
+        ("auto", 1, 256, True, True),  # the settings asked for it
+        ("off", 3, 55_000, True, False),
+        ("on", 1, 256, False, True),
+    ],
+)
+def test_compile_decides_whether_the_training_forward_is_compiled(
+    float_checkpoint: Path, mode: str, epochs: int, images: int, asked: bool, compiled: bool
+) -> None:
+    source = checkpoint_info(load(float_checkpoint, "cpu").meta).config
+    config = _run_config(source, {"epochs": epochs, "batch_size": 128, "compile": asked}, Path("/nonexistent/run"))
+    assert _with_training_compile(config, mode, images).train.compile is compiled

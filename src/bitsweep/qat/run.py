@@ -49,6 +49,9 @@ QAT_TRAIN_DEFAULTS: Mapping[str, Any] = {
     "label_smoothing": 0.0,
 }
 QUANTIZED_FILE, RESULTS_FILE = "quantized.pt", "qat.json"
+# ``--compile auto`` compiles the training forward from this many steps on: compiling takes one to two
+# minutes on 2 CPU cores and then saves about 0.8 s per W4A4 MobileNet-v2 x0.5 step of 128 images.
+COMPILE_MIN_STEPS = 300
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,19 @@ def _run_config(source: RunConfig, train: Mapping[str, Any], run_dir: Path) -> R
         return from_dict(RunConfig, data)
     except (BitsweepError, ValueError) as e:
         raise BitsweepError(f"bad QAT training setting: {e}") from None
+
+
+def _with_training_compile(config: RunConfig, mode: str, train_images: int) -> RunConfig:
+    """``config`` with ``train.compile`` as ``--compile MODE`` decides it for a run on ``train_images`` images.
+
+    ``auto`` compiles when the run has at least :data:`COMPILE_MIN_STEPS` steps (or the settings
+    already asked for it). Compiling changes float rounding only (fused kernels); the accuracies QAT
+    reports come from the eager validation pass and the integer-exact simulation.
+    """
+    tc = config.train
+    steps = tc.epochs * (train_images // tc.batch_size)  # the last partial batch is dropped
+    on = mode == "on" or (mode == "auto" and (tc.compile or steps >= COMPILE_MIN_STEPS))
+    return dataclasses.replace(config, train=dataclasses.replace(tc, compile=on))
 
 
 def _teacher(path: str | Path | None, student: Loaded, num_classes: int) -> tuple[nn.Module, str]:
@@ -153,7 +169,8 @@ def qat(
         init_options: settings of the starting PTQ method (see :func:`bitsweep.quant.ptq`).
         evaluate_start: also measure the float model and the PTQ starting point (integer-exact) on the
             validation and test splits, to show what training gained.
-        compile_mode: ``auto``/``on``/``off``: compile the integer-exact simulation.
+        compile_mode: ``auto``/``on``/``off``: compile the training forward (``auto``: from
+            :data:`COMPILE_MIN_STEPS` steps) and the integer-exact simulation (``auto``: from 5,000 images).
         eval_batch_size: batch size of the integer-exact evaluations.
         progress: progress bars.
         callbacks: called as ``cb(epoch, row)`` after each epoch's checkpoint (see :func:`~bitsweep.training.fit`).
@@ -261,6 +278,7 @@ def _run(job: _Job, opts: _Options, started: float) -> QATResult:
             f"the data has {data.num_classes} classes but the checkpoint's model "
             f"{job.loaded.record.num_classes}; QAT runs on the dataset the model was trained on"
         )
+    job = dataclasses.replace(job, config=_with_training_compile(job.config, opts.compile_mode, len(data.train.labels)))
     loader_kw: dict[str, Any] = {"mean": data.mean, "std": data.std, "device": dev}
     float_model = job.loaded.model.to(dev).eval()
     accuracy: dict[str, dict[str, EvalResult]] = {}

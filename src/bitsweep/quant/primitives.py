@@ -159,7 +159,7 @@ def _levels(
     s = _broadcast(scale.detach().float(), x, spec)
     v = x.detach().float() * (1.0 / s)
     r = torch.round(v)
-    if zero_point.numel() == 1:
+    if zero_point.numel() == 1 and not torch.compiler.is_compiling():  # .item() would break a compiled graph
         z = int(zero_point.reshape(()).item())
         c = torch.clamp(r, float(spec.qmin - z), float(spec.qmax - z))
     else:

@@ -42,6 +42,7 @@ from bitsweep.training.checkpoint import (
     restore_rng,
     save_checkpoint,
 )  # fmt: skip
+from bitsweep.training.compiled import CompiledOrEager
 from bitsweep.training.evaluate import EvalResult, evaluate
 from bitsweep.training.loggers import MetricsLogger, plot_curves
 from bitsweep.training.optim import build_optimizer, build_schedule
@@ -277,12 +278,11 @@ def _fit(
         logger = MetricsLogger(run_path, to_dict(config), tensorboard=tc.tensorboard, wandb=tc.wandb,
                                resume_epoch=start_epoch - 1 if state is not None else None)  # fmt: skip
 
-    train_model: nn.Module = model
+    wrapped: nn.Module = model
     if ctx.distributed:
         ids = [device.index] if device.type == "cuda" else None
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    if tc.compile:
-        train_model = torch.compile(train_model)  # type: ignore[assignment]
+        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    train_model: nn.Module | CompiledOrEager = CompiledOrEager(wrapped) if tc.compile else wrapped
 
     dataset_meta = data.meta()
     base = {"config": to_dict(config), "dataset": dataset_meta, **extra}
@@ -329,7 +329,7 @@ def _fit(
 
 
 def _train_epoch(
-    model: nn.Module,
+    model: nn.Module | CompiledOrEager,
     loader: TensorLoader,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
