@@ -10,6 +10,8 @@ the machine; ``--table`` writes the ``qat_methods`` section of BENCHMARKS.md fro
     python benchmarks/qat_methods.py                                   # every variant at every cell
     python benchmarks/qat_methods.py --cells "2,4" --variants lsq+kd  # one run
     python benchmarks/qat_methods.py --table                           # the section from the rows so far
+    python benchmarks/qat_methods.py --cells "2,4;1,8" --variants lsq+kd --epochs 3 --train-images 55000 \
+        --val-images 5000 --init qdrop --lr 0.02 --threads 2              # the 3-epoch budget from a QDrop start
     python benchmarks/qat_methods.py --quick                           # tiny synthetic run, prints only
 """
 
@@ -23,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -50,9 +53,9 @@ def _cut(splits: DatasetSplits, train: int, val: int) -> DatasetSplits:
     return dataclasses.replace(splits, train=splits.train.subset(slice(0, train)), val=splits.val.subset(slice(0, val)))
 
 
-def _budget(row: dict) -> tuple[int, int]:
-    """What one run trained on: (epochs, training images); runs with different budgets get separate tables."""
-    return row["epochs"], row["train_images"]
+def _budget(row: dict) -> tuple[int, int, str, float]:
+    """What one run trained on and from: (epochs, training images, start, lr); each budget gets its own table."""
+    return row["epochs"], row["train_images"], row.get("init", "rtn"), row["lr"]
 
 
 def _group_table(rows: list[dict], fp32: float) -> str:
@@ -76,8 +79,9 @@ def _group_table(rows: list[dict], fp32: float) -> str:
         f"Test top-1 (%) of the best epoch (chosen on {r0['val_images']} validation images), integer-exact "
         f"simulation on all {r0['test_images']} test images, in brackets the change from FP32 {fp32:.2f} %. "
         f"lr {r0['lr']} cosine, batch {r0['batch_size']}, weights per channel, initial ranges from the MSE observer, "
-        f"start rtn, distillation T={r0['temperature']} weight {r0['distill_weight']}; seconds per epoch on "
-        f"{r0['threads']} thread(s).\n\n"
+        f"start {r0.get('init', 'rtn')}, distillation T={r0['temperature']} weight {r0['distill_weight']}; "
+        f"seconds per epoch on {r0['threads']} thread(s)"
+        f"{', training steps compiled' if r0.get('compiled') else ''}.\n\n"
         + md_table(["variant", *[f"W{w}A{a}" for w, a in cells], "s/epoch"], [*body, target])
         + "\n"
     )
@@ -85,7 +89,7 @@ def _group_table(rows: list[dict], fp32: float) -> str:
 
 def _table(rows: list[dict], fp32: float, command: str) -> str:
     """The section: one table per training budget, the largest budget first."""
-    groups: dict[tuple[int, int], list[dict]] = {}
+    groups: dict[tuple[int, int, str, float], list[dict]] = {}
     for r in rows:
         groups.setdefault(_budget(r), []).append(r)
     ordered = sorted(groups, key=lambda b: -b[0] * b[1])
@@ -103,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--init", default="rtn", help="the PTQ method QAT starts from (as bitsweep qat --init)")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="as bitsweep qat --compile")
+    p.add_argument("--section", default="qat_methods", help="the BENCHMARKS.md section --table writes")
     p.add_argument("--table", action="store_true", help="only write the section from the rows so far")
     p.add_argument("--quick", action="store_true", help="tiny synthetic model and data; prints only")
     args = p.parse_args(argv)
@@ -134,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = [r for r in rows if r["checkpoint"] == str(checkpoint)]
         text = _table(rows, fp32, command)
         print(text)
-        update_section("qat_methods", text)
+        update_section(args.section, text)
         return 0
 
     rows = []
@@ -145,12 +152,12 @@ def main(argv: list[str] | None = None) -> int:
             result = qat(
                 checkpoint,
                 QuantConfig.from_bits(w, a, observer="mse"),
-                QATConfig(method=method, distill=distill),
+                QATConfig(method=method, distill=distill, init=args.init),
                 train={"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "tensorboard": False},
                 run_dir=work / "run",
                 splits=splits,
                 evaluate_start=False,
-                compile_mode="off",
+                compile_mode=args.compile,
                 progress=not args.quick,
             )
             final = result.accuracy["final"]
@@ -167,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
                 "val_images": len(splits.val.labels),
                 "test_images": len(splits.test.labels),
                 "lr": args.lr,
+                "init": args.init,
+                "compiled": yaml.safe_load((result.run_dir / "config.yaml").read_text())["train"]["compile"],
                 "batch_size": args.batch_size,
                 "temperature": QATConfig.temperature,
                 "distill_weight": QATConfig.distill_weight,
