@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     teacher = to_channels_last(copy.deepcopy(loaded.model).eval())
     loss = DistillationLoss(teacher, 2.0, 0.9, 0.0)
+    warmup = min(3, steps - 2)
     rows, seconds = [], {}
     for mode in ("eager", "compiled"):
         torch.manual_seed(0)
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         student = to_channels_last(prepared.model)
         forward = CompiledOrEager(student) if mode == "compiled" else student
         params = [p for p in student.parameters() if p.requires_grad]
-        first, median = _time_steps(forward, params, loss, batches, warmup=min(3, steps - 2))
+        first, median = _time_steps(forward, params, loss, batches, warmup=warmup)
         seconds[mode] = median
         rows.append([mode, f"{first:.1f}", f"{median:.3f}", f"{args.batch_size / median:.0f}"])
         print(f"{mode:8s} first step {first:6.1f} s, then {median:.3f} s/step ({args.batch_size / median:.0f} img/s)")
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     text = (
         f"{header(command)}\nOne W4A4 LSQ + distillation step of {args.batch_size} Fashion-MNIST training images "
         f"(student forward and backward, teacher forward, SGD) on `{shown}`, channels_last, dropout off, "
-        f"{args.threads} thread(s); median of the steps after {min(3, steps - 2)} warm-up steps.\n\n{table}\n\n"
+        f"{args.threads} thread(s); median of the steps after {warmup} warm-up steps.\n\n{table}\n\n"
         f"Compiled steps are **{speedup:.2f}x** faster; the first compiled step includes compiling.\n"
     )
     update_section("qat_compile", text, beside="qat_bias_rounding")

@@ -117,6 +117,16 @@ def make_run_dir(output_dir: str | Path, name: str | None, prefix: str) -> Path:
     return path
 
 
+def compile_options() -> dict[str, Any] | None:
+    """``torch.compile`` options every compiled path of bitsweep uses.
+
+    torch 2.13's FX graph cache does not key on ``ATEN_CPU_CAPABILITY``: a cache filled with AVX-512
+    kernels and then read with ``ATEN_CPU_CAPABILITY=avx2`` returned garbage logits (measured), so with
+    that variable set, compile without the cache.
+    """
+    return {"fx_graph_cache": False} if os.environ.get("ATEN_CPU_CAPABILITY") else None
+
+
 def available_cores() -> int:
     """CPU cores this process may run on: its affinity mask, capped by a cgroup v2 CPU quota."""
     try:

@@ -42,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import os
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -53,6 +52,7 @@ from torch import nn
 
 from bitsweep.backend import lowering as lw
 from bitsweep.errors import BitsweepError
+from bitsweep.runtime import compile_options
 
 Plan = tuple[tuple[Any, ...], ...]  # static, hashable: op kinds, value names, conv geometry, tensor indices
 
@@ -401,11 +401,7 @@ class CompiledRunner:
     def _fn(self, plan: Plan) -> Callable[..., torch.Tensor]:
         fn = self._compiled.get(plan)
         if fn is None:
-            # torch 2.13's FX graph cache does not key on ATEN_CPU_CAPABILITY: with it set, compile without it.
-            options: dict[str, Any] | None = (
-                {"fx_graph_cache": False} if os.environ.get("ATEN_CPU_CAPABILITY") else None
-            )
-            fn = torch.compile(functools.partial(run, plan), dynamic=False, options=options)
+            fn = torch.compile(functools.partial(run, plan), dynamic=False, options=compile_options())
             self._compiled[plan] = fn
         return fn
 

@@ -11,12 +11,13 @@ model loses nothing.
 
 from __future__ import annotations
 
-import os
 import warnings
 from typing import Any
 
 import torch
 from torch import nn
+
+from bitsweep.runtime import compile_options
 
 
 class CompiledOrEager:
@@ -28,10 +29,7 @@ class CompiledOrEager:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        # torch 2.13's FX graph cache does not key on ATEN_CPU_CAPABILITY: with it set, compile without it
-        # (the same guard as bitsweep.backend.simulate.CompiledRunner).
-        options: dict[str, Any] | None = {"fx_graph_cache": False} if os.environ.get("ATEN_CPU_CAPABILITY") else None
-        self._compiled: Any = torch.compile(model, dynamic=False, options=options)
+        self._compiled: Any = torch.compile(model, dynamic=False, options=compile_options())
         self._called = False
 
     def train(self, mode: bool = True) -> CompiledOrEager:
